@@ -1,0 +1,3 @@
+"""SeqMatch dataset distillation in JAX/Flax."""
+
+__version__ = "0.1.0"
