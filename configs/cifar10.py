@@ -1,0 +1,30 @@
+"""CIFAR-10 (tfds `cifar10`): MTT reference values; SeqMatch per paper Table 4.
+
+Variants: configs/cifar10.py:ipc=1|10|50 and `k=N` (k=1: plain MTT).
+"""
+from configs import common
+
+TABLES = {
+    # MTT: N 50, M 2, T+ 2, lr_img 100, lr_lr 1e-7, lr_teacher 0.01, ZCA.
+    1: {'distill.syn_steps': 50, 'distill.expert_epochs': 2,
+        'distill.max_start_epoch': 2, 'distill.lr_img': 100.0,
+        'distill.lr_lr': 1e-7, 'distill.lr_teacher': 0.01, 'dataset.zca': True,
+        'seqmatch.num_subsets': 1},
+    # Table 4: K 2, T+ {20,10}, N {30,80}, M {2,3}, lr_img 100, lr_lr 1e-5,
+    # lr_teacher 0.001, ZCA (as MTT ipc 10).
+    10: {'distill.syn_steps': 30, 'distill.expert_epochs': 2,
+         'distill.max_start_epoch': 20, 'distill.lr_img': 100.0,
+         'distill.lr_lr': 1e-5, 'distill.lr_teacher': 0.001, 'dataset.zca': True,
+         'seqmatch.num_subsets': 2, 'seqmatch.max_start_epoch': (20, 10),
+         'seqmatch.syn_steps': (30, 80), 'seqmatch.expert_epochs': (2, 3)},
+    # Table 4: K 3, T+ {20,20,10}, N 30, M 2, lr_img 100, lr_lr 1e-5,
+    # lr_teacher 0.01, no ZCA (as MTT ipc 50).
+    50: {'experts.staged_epochs': 50, 'distill.syn_steps': 30, 'distill.expert_epochs': 2,
+         'distill.max_start_epoch': 40, 'distill.lr_img': 100.0,
+         'distill.lr_lr': 1e-5, 'distill.lr_teacher': 0.01, 'dataset.zca': False,
+         'seqmatch.num_subsets': 3, 'seqmatch.max_start_epoch': (20, 20, 10)},
+}
+
+
+def get_config(arg=None):
+  return common.table_config('cifar10', arg, TABLES)

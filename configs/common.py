@@ -1,0 +1,143 @@
+"""Shared defaults for every config, and the `name=value` variant-argument parser.
+
+A config file's `get_config(arg)` starts from `base_config()`, sets the dataset's
+reference hyperparameters, and applies variant arguments such as
+`configs/cifar10.py:ipc=50`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key the program reads, with the MTT reference defaults."""
+  c = ml_collections.ConfigDict()
+  c.mode = 'all'  # all | experts | distill | evaluate
+  c.seed = 0
+  c.ipc = 10
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = 'digits'
+  c.dataset.data_dir = ''  # '' = not needed (digits) / not given
+  c.dataset.zca = False
+  c.dataset.val_size = 0  # images carved from train for selecting the best set
+  c.dataset.cache_dir = ''  # '' = WORKDIR/cache
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'convnet'
+  c.model.width = 128
+  c.model.depth = 3
+  c.model.norm = 'instance'
+  c.model.conv_impl = 'auto'  # auto | xla | im2col
+
+  c.augment = ml_collections.ConfigDict()
+  c.augment.strategy = 'color_crop_cutout_flip_scale_rotate'  # '' = none
+
+  c.experts = ml_collections.ConfigDict()
+  c.experts.num = 100
+  c.experts.epochs = 50
+  c.experts.lr = 0.01
+  c.experts.momentum = 0.0
+  c.experts.batch_size = 256
+  c.experts.dir = ''  # '' = WORKDIR/experts; set to share one expert set
+  c.experts.per_batch = 0  # experts trained together (vmap); 0 = per backend
+  c.experts.staged_epochs = 20  # real-data epochs of SeqMatch's staged experts
+
+  c.distill = ml_collections.ConfigDict()
+  c.distill.iterations = 5000
+  c.distill.syn_steps = 20
+  c.distill.expert_epochs = 2
+  c.distill.max_start_epoch = 20
+  c.distill.lr_img = 1000.0
+  c.distill.lr_lr = 1e-5
+  c.distill.lr_teacher = 0.01
+  c.distill.min_syn_lr = 1e-6  # syn_lr is projected onto [min_syn_lr, inf)
+  c.distill.batch_syn = 0  # 0 = the size of the subset being distilled
+  c.distill.pix_init = 'real'  # real | noise
+  c.distill.eval_every = 500
+  c.distill.eval_models = 1  # models per in-run evaluation (val split)
+  c.distill.eval_epochs = 300  # epochs per in-run evaluation
+  c.distill.checkpoint_every = 100
+  c.distill.remat = True
+  c.distill.trajectories_per_step = 0  # 0 = number of devices
+
+  c.seqmatch = ml_collections.ConfigDict()
+  c.seqmatch.num_subsets = 1  # K; 1 = plain backbone (MTT)
+  # Per-subset values (paper Table 4). Empty = the distill.* scalar for all.
+  c.seqmatch.subset_ipc = ()
+  c.seqmatch.max_start_epoch = ()
+  c.seqmatch.syn_steps = ()
+  c.seqmatch.expert_epochs = ()
+  c.seqmatch.lr_teacher = ()
+  c.seqmatch.iterations = ()
+  c.seqmatch.compare_backbone = False  # also distil plain MTT (K=1) and compare
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_models = 5
+  c.eval.epochs = 1000
+  c.eval.batch_size = 256
+  c.eval.momentum = 0.9
+  c.eval.weight_decay = 5e-4
+  c.eval.architectures = ('convnet',)
+  c.eval.baselines = ('random_real',)  # random_real | whole
+  c.eval.whole_epochs = 30
+  c.eval.synthetic = ''  # path of a saved set, for mode=evaluate
+  c.eval.parallel = 'auto'  # auto | vmap | sequential
+
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.distributed = 'auto'  # auto | yes | no: jax.distributed.initialize
+  c.parallel.num_devices = 0  # 0 = every device
+  return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses `a=1,b=x` into a ConfigDict, typed after `defaults`."""
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(','):
+    if not item:
+      continue
+    key, sep, value = item.partition('=')
+    if not sep or key not in defaults:
+      raise ValueError(
+          f'Unknown config argument {item!r}; valid: {sorted(defaults)} '
+          '(e.g. configs/cifar10.py:ipc=50)')
+    out[key] = type(defaults[key])(value)
+  return out
+
+
+def apply_settings(c: ml_collections.ConfigDict, settings: dict) -> None:
+  """Sets dotted keys, e.g. {'distill.syn_steps': 30, 'seqmatch.syn_steps': (30, 80)}."""
+  for dotted, value in settings.items():
+    node = c
+    *path, leaf = dotted.split('.')
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+
+
+def table_config(dataset: str, arg: str | None, tables: dict[int, dict],
+                 base: dict | None = None) -> ml_collections.ConfigDict:
+  """A dataset config: `base` settings, then the row of `tables` for `ipc`.
+
+  Variant arguments: `ipc=N` picks the row (an ipc without a row uses the
+  nearest smaller one); `k=N` overrides the number of subsets (1 = plain MTT,
+  which also drops the per-subset lists).
+  """
+  args = parse_arg(arg, ipc=10, k=0)
+  c = base_config()
+  c.dataset.name = dataset
+  apply_settings(c, base or {})
+  rows = sorted(tables)
+  row = max([r for r in rows if r <= args.ipc] or rows[:1])
+  apply_settings(c, tables[row])
+  c.ipc = args.ipc
+  if args.k:
+    c.seqmatch.num_subsets = args.k
+    if args.k == 1:
+      for name in ('subset_ipc', 'max_start_epoch', 'syn_steps', 'expert_epochs',
+                   'lr_teacher', 'iterations'):
+        c.seqmatch[name] = ()
+  return c

@@ -1,0 +1,28 @@
+"""Tiny ImageNet (the `tiny-imagenet-200` folder; dataset.data_dir points at it).
+
+ConvNetD4 at 64x64. Variants: ipc=1|10|50, k=N.
+"""
+from configs import common
+
+BASE = {'model.depth': 4}
+TABLES = {
+    1: {'distill.syn_steps': 10, 'distill.expert_epochs': 2,
+        'distill.max_start_epoch': 10, 'distill.lr_img': 1e4,
+        'distill.lr_lr': 1e-4, 'distill.lr_teacher': 0.01,
+        'seqmatch.num_subsets': 1},
+    # Table 4: K 2, T+ {20,10}, N 20, M 2, batch_syn 100, lr_img 1e4, lr_lr 1e-4.
+    10: {'distill.syn_steps': 20, 'distill.expert_epochs': 2,
+         'distill.max_start_epoch': 40, 'distill.lr_img': 1e4,
+         'distill.lr_lr': 1e-4, 'distill.lr_teacher': 0.01,
+         'distill.batch_syn': 100, 'seqmatch.num_subsets': 2,
+         'seqmatch.max_start_epoch': (20, 10)},
+    # MTT ipc 50 (batch_syn 300); K 3 as the paper's ipc-50 rule.
+    50: {'distill.syn_steps': 20, 'distill.expert_epochs': 2,
+         'distill.max_start_epoch': 40, 'distill.lr_img': 1e4,
+         'distill.lr_lr': 1e-4, 'distill.lr_teacher': 0.01,
+         'distill.batch_syn': 300, 'seqmatch.num_subsets': 3},
+}
+
+
+def get_config(arg=None):
+  return common.table_config('tiny_imagenet', arg, TABLES, BASE)

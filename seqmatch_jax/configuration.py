@@ -1,0 +1,95 @@
+"""Config validation: every bad value ends the program before any compute,
+with one readable line naming the key and the fix."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from seqmatch_jax.errors import ConfigError
+
+MODES = ('all', 'experts', 'distill', 'evaluate')
+NORMS = ('instance', 'batch', 'layer', 'none')
+BASELINES = ('random_real', 'whole')
+
+
+def _positive(config, *keys: str, allow_zero: bool = False) -> None:
+  for key in keys:
+    value = config
+    for part in key.split('.'):
+      value = value[part]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f'{key} must be a number, got {value!r}.')
+    if value < 0 or (value == 0 and not allow_zero):
+      raise ConfigError(f'{key} must be {"non-negative" if allow_zero else "positive"}'
+                        f', got {value}.')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for the first problem found."""
+  from seqmatch_jax import augment, data, models, seqmatch  # pylint: disable=g-import-not-at-top
+  if config.mode not in MODES:
+    raise ConfigError(f'mode must be one of {"|".join(MODES)}, got {config.mode!r}.')
+  if not isinstance(config.ipc, int) or config.ipc < 1:
+    raise ConfigError(f'ipc must be an integer >= 1, got {config.ipc!r}.')
+  names = data.dataset_names()
+  if config.dataset.name not in names:
+    raise ConfigError(f'Unknown dataset.name {config.dataset.name!r}; choose one of '
+                      f'{", ".join(names)}.')
+  if config.model.name not in models.MODEL_NAMES:
+    raise ConfigError(f'Unknown model.name {config.model.name!r}; choose one of '
+                      f'{", ".join(models.MODEL_NAMES)}.')
+  for arch in config.eval.architectures:
+    if arch not in models.MODEL_NAMES:
+      raise ConfigError(f'Unknown architecture {arch!r} in eval.architectures; '
+                        f'choose from {", ".join(models.MODEL_NAMES)}.')
+  if config.model.norm not in NORMS:
+    raise ConfigError(f'model.norm must be one of {"|".join(NORMS)}, '
+                      f'got {config.model.norm!r}.')
+  if config.model.conv_impl not in ('auto', 'xla', 'im2col'):
+    raise ConfigError(f"model.conv_impl must be auto|xla|im2col, got "
+                      f"{config.model.conv_impl!r}.")
+  for b in config.eval.baselines:
+    if b not in BASELINES:
+      raise ConfigError(f'Unknown baseline {b!r} in eval.baselines; choose from '
+                        f'{", ".join(BASELINES)}.')
+  if config.eval.parallel not in ('auto', 'vmap', 'sequential'):
+    raise ConfigError(f'eval.parallel must be auto|vmap|sequential, got '
+                      f'{config.eval.parallel!r}.')
+  try:
+    augment.validate_strategy(config.augment.strategy)
+  except ValueError as e:
+    raise ConfigError(f'augment.strategy: {e}') from e
+  _positive(config, 'model.width', 'model.depth', 'experts.num', 'experts.epochs',
+            'experts.lr', 'experts.batch_size', 'experts.staged_epochs',
+            'distill.iterations', 'distill.syn_steps', 'distill.expert_epochs',
+            'distill.max_start_epoch', 'distill.lr_img', 'distill.lr_lr',
+            'distill.lr_teacher', 'distill.min_syn_lr', 'distill.eval_models',
+            'distill.eval_epochs', 'eval.num_models', 'eval.epochs',
+            'eval.batch_size', 'eval.whole_epochs', 'seqmatch.num_subsets')
+  _positive(config, 'experts.momentum', 'experts.per_batch', 'distill.batch_syn',
+            'distill.eval_every', 'distill.checkpoint_every', 'dataset.val_size',
+            'distill.trajectories_per_step', 'eval.momentum', 'eval.weight_decay',
+            'parallel.num_devices', allow_zero=True)
+  if config.distill.pix_init not in ('real', 'noise'):
+    raise ConfigError(f"distill.pix_init must be real|noise, got "
+                      f"{config.distill.pix_init!r}.")
+  plans = seqmatch.subset_schedule(config)  # checks K, subset sizes, list lengths
+  for p in plans:
+    for name in ('iterations', 'syn_steps', 'expert_epochs', 'max_start_epoch',
+                 'lr_teacher'):
+      if getattr(p, name) <= 0:
+        raise ConfigError(f'seqmatch.{name} of subset {p.index + 1} must be '
+                          f'positive, got {getattr(p, name)}.')
+    horizon = config.experts.epochs if p.index == 0 else config.experts.staged_epochs
+    which = 'experts.epochs' if p.index == 0 else 'experts.staged_epochs'
+    if p.max_start_epoch + p.expert_epochs > horizon:
+      raise ConfigError(
+          f'Subset {p.index + 1}: max_start_epoch {p.max_start_epoch} + '
+          f'expert_epochs {p.expert_epochs} exceeds {which}={horizon}; lower them '
+          f'or raise {which}.')
+  if config.mode == 'evaluate' and config.eval.synthetic:
+    if not os.path.isfile(config.eval.synthetic):
+      raise ConfigError(f'eval.synthetic={config.eval.synthetic!r} is not a file; '
+                        'give the path of a synthetic.npz.')

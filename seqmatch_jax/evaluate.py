@@ -1,0 +1,217 @@
+"""Evaluation: train fresh networks on a synthetic set, report test accuracy.
+
+The protocol is the literature's (MTT/SeqMatch reference): SGD momentum 0.9,
+weight decay 5e-4, batch 256, `eval.epochs` epochs with lr x0.1 at the half,
+DSA on, lr = the learned step size. SeqMatch's staged evaluation trains each
+network on S_1, then S_1 ∪ S_2, ..., carrying its weights, stage k with lr_k.
+A plain set is the one-stage case. Several networks (seeds) run vmapped or one
+by one (`eval.parallel`); both give the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from seqmatch_jax import training
+from seqmatch_jax.errors import DataError
+from seqmatch_jax.models import Network, create_network
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  epochs: int
+  batch_size: int = 256
+  momentum: float = 0.9
+  weight_decay: float = 5e-4
+  augment: str = 'color_crop_cutout_flip_scale_rotate'
+  parallel: str = 'auto'
+
+  def sgd(self) -> training.SGDSpec:
+    return training.SGDSpec(batch_size=self.batch_size, momentum=self.momentum,
+                            weight_decay=self.weight_decay, augment=self.augment,
+                            decay_at_half=True)
+
+
+def protocol_from_config(config: ml_collections.ConfigDict,
+                         epochs: int | None = None) -> Protocol:
+  return Protocol(epochs=epochs or config.eval.epochs,
+                  batch_size=config.eval.batch_size,
+                  momentum=config.eval.momentum,
+                  weight_decay=config.eval.weight_decay,
+                  augment=config.augment.strategy, parallel=config.eval.parallel)
+
+
+def stage_sets(images, labels, subset) -> list[tuple[jax.Array, jax.Array]]:
+  """Cumulative training sets S_1, S_1∪S_2, ... from per-image subset ids."""
+  subset = np.zeros(len(labels), np.int32) if subset is None else np.asarray(subset)
+  out = []
+  for k in range(int(subset.max()) + 1):
+    keep = subset <= k
+    out.append((jnp.asarray(images[keep]), jnp.asarray(labels[keep])))
+  return out
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_runner(network: Network, protocol: Protocol, num_stages: int,
+                     mode: str):
+  """Jitted (keys, lrs, stages, x_eval, y_eval) -> accuracies [models, stages].
+
+  Cached so the evaluations inside a distillation run compile once.
+  """
+  sgd = protocol.sgd()
+
+  def run(key, lrs, stages, x_eval, y_eval):
+    params, state = network.init(jax.random.fold_in(key, 0))
+    accs = []
+    for k in range(num_stages):
+      x, y = stages[k]
+      params, state = training.train_schedule(
+          network, sgd, params, state, x, y, jax.random.fold_in(key, k + 1),
+          lrs[k], protocol.epochs)
+      accs.append(training.predict_accuracy(network, params, state, x_eval, y_eval))
+    return jnp.stack(accs)
+
+  if mode == 'vmap':
+    return jax.jit(jax.vmap(run, in_axes=(0, 0, None, None, None)))
+  one = jax.jit(run)
+
+  def in_turn(keys, lrs, stages, x_eval, y_eval):
+    return jnp.stack([one(keys[i], lrs[i], stages, x_eval, y_eval)
+                      for i in range(keys.shape[0])])
+  return in_turn
+
+
+def train_and_score(network: Network, protocol: Protocol, keys: jax.Array,
+                    stages: Sequence[tuple[jax.Array, jax.Array]],
+                    lrs: jax.Array, x_eval: jax.Array, y_eval: jax.Array) -> np.ndarray:
+  """Accuracies [num_models, num_stages]; model i uses `keys[i]`."""
+  run = _compiled_runner(network, protocol, len(stages),
+                         training.resolve_parallel(protocol.parallel))
+  n = keys.shape[0]
+  lrs = jnp.broadcast_to(jnp.asarray(lrs, jnp.float32), (n, len(stages)))
+  return np.asarray(run(keys, lrs, tuple(stages), x_eval, y_eval))
+
+
+def summarize(accs: np.ndarray) -> dict[str, Any]:
+  """{'mean', 'std', 'per_model'} in percent (population std, as numpy)."""
+  accs = 100.0 * np.asarray(accs, np.float64)
+  return dict(mean=float(accs.mean()), std=float(accs.std()),
+              per_model=[round(float(a), 4) for a in accs])
+
+
+def evaluate_synthetic(images, labels, lr, config: ml_collections.ConfigDict,
+                       key: jax.Array, *, x_eval, y_eval, num_classes: int,
+                       subset=None, architecture: str | None = None,
+                       num_models: int | None = None, epochs: int | None = None
+                       ) -> dict[str, Any]:
+  """Trains `eval.num_models` fresh networks on (images, labels), in stages when
+  `subset` is given (lr then holds one value per subset), and scores them on
+  (x_eval, y_eval). Returns summary dicts: final and after each stage."""
+  images = jnp.asarray(images)
+  network = network_for(config, architecture or config.model.name, num_classes,
+                        tuple(images.shape[1:]))
+  protocol = protocol_from_config(config, epochs)
+  stages = stage_sets(images, np.asarray(labels), subset)
+  lrs = np.atleast_1d(np.asarray(lr, np.float32))
+  if lrs.shape[0] not in (1, len(stages)):
+    raise DataError(f'{lrs.shape[0]} learning rates for {len(stages)} subsets.')
+  lrs = np.broadcast_to(lrs, (len(stages),))
+  n = num_models or config.eval.num_models
+  keys = jax.random.split(key, n)
+  accs = train_and_score(network, protocol, keys, stages, jnp.asarray(lrs),
+                         jnp.asarray(x_eval), jnp.asarray(y_eval))
+  out = summarize(accs[:, -1])
+  out['stages'] = [summarize(accs[:, k]) for k in range(accs.shape[1])]
+  out['lr'] = [float(v) for v in lrs]
+  return out
+
+
+def network_for(config, name: str, num_classes: int, image_shape) -> Network:
+  return create_network(name, num_classes, tuple(image_shape),
+                        width=config.model.width, depth=config.model.depth,
+                        norm=config.model.norm, conv_impl=config.model.conv_impl)
+
+
+def random_real(x_train, y_train, ipc: int, num_classes: int, seed: int):
+  """`ipc` random real training images per class (the anchor baseline)."""
+  rng = np.random.default_rng(seed)
+  idx = np.concatenate([rng.choice(np.flatnonzero(np.asarray(y_train) == c), ipc,
+                                   replace=False) for c in range(num_classes)])
+  return np.asarray(x_train)[idx], np.asarray(y_train)[idx]
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSet:
+  images: np.ndarray  # pixel space [0, 1], NHWC
+  labels: np.ndarray
+  lr: np.ndarray | None  # one per subset
+  subset: np.ndarray | None
+  images_model: np.ndarray | None
+
+
+def load_synthetic(path: str, num_classes: int, image_shape) -> SyntheticSet:
+  """Reads and validates a saved set (ours or a user's npz)."""
+  if not os.path.exists(path):
+    raise DataError(f'Synthetic set {path} does not exist; pass '
+                    '--config.eval.synthetic=PATH/synthetic.npz.')
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      data = {k: f[k] for k in f.files}
+  except Exception as e:
+    raise DataError(f'{path} is not a readable .npz file ({e}).') from e
+  for k in ('images', 'labels'):
+    if k not in data:
+      raise DataError(f'{path} lacks {k!r} (needs images (N,H,W,C) in [0,1] and '
+                      'integer labels (N,)).')
+  images = data['images']
+  labels = data['labels']
+  if images.ndim != 4 or tuple(images.shape[1:]) != tuple(image_shape):
+    raise DataError(f'{path}: images have shape {images.shape}, expected '
+                    f'(N, {", ".join(map(str, image_shape))}) for this dataset.')
+  if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+    raise DataError(f'{path}: labels must be integers of shape ({images.shape[0]},), '
+                    f'got {labels.dtype} {labels.shape}.')
+  if labels.min() < 0 or labels.max() >= num_classes:
+    raise DataError(f'{path}: labels must lie in [0, {num_classes - 1}], got '
+                    f'[{labels.min()}, {labels.max()}].')
+  if not np.all(np.isfinite(images)):
+    raise DataError(f'{path}: images contain NaN or inf.')
+  if images.dtype == np.uint8:
+    images = images.astype(np.float32) / 255.0
+  subset = data.get('subset')
+  if subset is not None and subset.shape != labels.shape:
+    raise DataError(f'{path}: subset must have shape {labels.shape}.')
+  lr = data.get('lr')
+  if lr is not None:
+    lr = np.atleast_1d(lr).astype(np.float32)
+    num_subsets = 1 if subset is None else int(subset.max()) + 1
+    if lr.shape[0] not in (1, num_subsets) or not np.all(lr > 0):
+      raise DataError(f'{path}: lr must be {num_subsets} positive values, got {lr}.')
+  model = data.get('images_model')
+  return SyntheticSet(images.astype(np.float32), labels.astype(np.int32), lr,
+                      None if subset is None else subset.astype(np.int32), model)
+
+
+def write_results(workdir: str, results: dict[str, Any]) -> None:
+  """results.json and a Markdown table (mean ± std per row)."""
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=1, sort_keys=True)
+  lines = ['| set | architecture | accuracy (%) | per stage |', '|---|---|---|---|']
+  for row_name, per_arch in results.get('rows', {}).items():
+    for arch, r in per_arch.items():
+      stages = ' → '.join(f"{s['mean']:.2f}" for s in r.get('stages', [])) \
+          if len(r.get('stages', [])) > 1 else ''
+      lines.append(f"| {row_name} | {arch} | {r['mean']:.2f} ± {r['std']:.2f} | {stages} |")
+  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')

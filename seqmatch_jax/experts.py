@@ -1,0 +1,377 @@
+"""Expert (teacher) trajectories: train them, store them with Orbax, serve windows.
+
+Layout of an expert directory:
+
+  metadata.json            what the experts are (dataset, model, schedule, shapes)
+  expert_0003/<epoch>/     one Orbax checkpoint per snapshot (0 = initialisation)
+  expert_0003/progress.json  per snapshot: CRC32 of its arrays, test accuracy, loss
+
+A snapshot counts only once Orbax has committed it *and* progress.json records
+its checksum, so a kill at any moment leaves either a complete snapshot or one
+that is recomputed. Distillation reads two snapshots (t and t+M) per iteration
+through `TrajectoryStore.load`, never whole trajectories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+import zlib
+from typing import Any, Callable, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from seqmatch_jax import training
+from seqmatch_jax.errors import CheckpointError
+from seqmatch_jax.models import Network
+
+FORMAT_VERSION = 1
+InitFn = Callable[[int, jax.Array], tuple[Any, Any]]
+
+
+def tree_crc32(tree: Any) -> int:
+  """Checksum of a pytree's array bytes: detects truncated or altered snapshots."""
+  crc = 0
+  for leaf in jax.tree.leaves(tree):
+    crc = zlib.crc32(np.ascontiguousarray(np.asarray(leaf)).tobytes(), crc)
+  return crc
+
+
+def _write_json(path: str, obj: Any) -> None:
+  """Atomic JSON write: a kill mid-write never leaves a half file."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _manager(path: str) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False,
+                                         create=True)
+  return ocp.CheckpointManager(path, options=options)
+
+
+def _to_numpy(tree: Any) -> Any:
+  return jax.tree.map(np.asarray, tree)
+
+
+class TrajectoryStore:
+  """Read access to a directory of expert trajectories.
+
+  Example:
+    store = TrajectoryStore('runs/c10/experts')
+    start, target = store.load(7, 12), store.load(7, 14)
+  """
+
+  def __init__(self, path: str):
+    self.path = os.path.abspath(path)
+    meta_path = os.path.join(self.path, 'metadata.json')
+    if not os.path.exists(meta_path):
+      raise CheckpointError(
+          f'No expert trajectories at {self.path} (metadata.json missing): run '
+          'with --config.mode=experts first, or point --config.experts.dir at '
+          'an existing expert directory.')
+    try:
+      self.metadata = _read_json(meta_path)
+    except (OSError, ValueError) as e:
+      raise CheckpointError(f'Corrupt expert metadata {meta_path}: {e}. '
+                            'Delete the directory to retrain the experts.') from e
+    self.epochs = int(self.metadata['epochs'])
+    self._managers: dict[int, ocp.CheckpointManager] = {}
+    self._abstract = None
+
+  def expert_dir(self, expert: int) -> str:
+    return os.path.join(self.path, f'expert_{expert:04d}')
+
+  def progress(self, expert: int) -> dict:
+    path = os.path.join(self.expert_dir(expert), 'progress.json')
+    if not os.path.exists(path):
+      return {'snapshots': {}}
+    try:
+      return _read_json(path)
+    except ValueError:
+      return {'snapshots': {}}
+
+  def complete_epochs(self, expert: int) -> int:
+    """Number of consecutive recorded snapshots from epoch 0 (-1 if none)."""
+    snaps = self.progress(expert)['snapshots']
+    e = -1
+    while str(e + 1) in snaps:
+      e += 1
+    return e
+
+  def experts(self) -> list[int]:
+    """Experts whose whole trajectory (epochs + 1 snapshots) is recorded."""
+    out = []
+    for name in sorted(os.listdir(self.path)):
+      if name.startswith('expert_'):
+        i = int(name.split('_')[1])
+        if self.complete_epochs(i) >= self.epochs:
+          out.append(i)
+    return out
+
+  def _mgr(self, expert: int) -> ocp.CheckpointManager:
+    if expert not in self._managers:
+      self._managers[expert] = _manager(self.expert_dir(expert))
+    return self._managers[expert]
+
+  def load(self, expert: int, epoch: int, with_state: bool = False):
+    """Parameters of `expert` after `epoch` epochs, checked against their CRC."""
+    record = self.progress(expert)['snapshots'].get(str(epoch))
+    if record is None:
+      raise CheckpointError(
+          f'Expert {expert} has no recorded snapshot for epoch {epoch} in '
+          f'{self.path}; rerun mode=experts to complete it.')
+    try:
+      item = self._mgr(expert).restore(epoch, args=ocp.args.StandardRestore())
+    except Exception as e:  # Orbax raises many types for damaged files.
+      raise CheckpointError(
+          f'Snapshot {epoch} of expert {expert} in {self.path} is unreadable '
+          f'({type(e).__name__}); rerun mode=experts to recompute it.') from e
+    item = _to_numpy(item)
+    if tree_crc32(item) != record['crc']:
+      raise CheckpointError(
+          f'Snapshot {epoch} of expert {expert} in {self.path} fails its '
+          'checksum; rerun mode=experts to recompute it.')
+    return (item['params'], item.get('state', {})) if with_state else item['params']
+
+  def test_accuracy(self, expert: int) -> dict[int, float]:
+    snaps = self.progress(expert)['snapshots']
+    return {int(k): v['test_acc'] for k, v in snaps.items() if 'test_acc' in v}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertSpec:
+  num: int
+  epochs: int
+  lr: float
+  momentum: float
+  batch_size: int
+  augment: str
+  per_batch: int  # experts trained together; 0 = per backend
+
+
+def resolve_per_batch(per_batch: int, num: int) -> int:
+  """Default: 1 on CPU (vmap over models loses there), up to 8 on accelerators."""
+  if per_batch > 0:
+    return min(per_batch, num)
+  return 1 if jax.default_backend() == 'cpu' else min(8, num)
+
+
+def _check_metadata(path: str, metadata: dict) -> None:
+  """An existing expert directory must describe the same experts."""
+  meta_path = os.path.join(path, 'metadata.json')
+  if not os.path.exists(meta_path):
+    return
+  old = _read_json(meta_path)
+  keys = ('dataset', 'image_shape', 'num_classes', 'model', 'zca', 'epochs',
+          'lr', 'momentum', 'batch_size', 'augment', 'start', 'seed')
+  diff = [k for k in keys if old.get(k) != metadata.get(k)]
+  if diff:
+    raise CheckpointError(
+        f'Expert directory {path} holds experts with different settings '
+        f'({", ".join(f"{k}: {old.get(k)!r} != {metadata.get(k)!r}" for k in diff)}); '
+        'use another --config.experts.dir or delete it.')
+
+
+def train_experts(network: Network, spec: ExpertSpec, path: str,
+                  images: jax.Array, labels: jax.Array,
+                  test_images: jax.Array, test_labels: jax.Array,
+                  key: jax.Array, metadata: dict,
+                  init_fn: InitFn | None = None,
+                  expert_ids: Sequence[int] | None = None,
+                  should_stop: Callable[[], bool] = lambda: False,
+                  writer=None) -> TrajectoryStore:
+  """Trains (or finishes training) `spec.num` experts, saving every epoch.
+
+  Args:
+    init_fn: (expert index, key) -> (params, state) for the starting weights;
+      default a fresh `network.init`. SeqMatch passes networks pre-trained on
+      the earlier synthetic subsets.
+    expert_ids: train only these (others, e.g. on other hosts, skip).
+    should_stop: polled between epochs; when true, returns after saving.
+  Returns:
+    The store over `path`.
+  """
+  os.makedirs(path, exist_ok=True)
+  metadata = dict(metadata, format=FORMAT_VERSION, epochs=spec.epochs,
+                  num_experts=spec.num, lr=spec.lr, momentum=spec.momentum,
+                  batch_size=spec.batch_size, augment=spec.augment)
+  _check_metadata(path, metadata)
+  _write_json(os.path.join(path, 'metadata.json'), metadata)
+  store = TrajectoryStore(path)
+  sgd = training.SGDSpec(batch_size=spec.batch_size, momentum=spec.momentum,
+                         augment=spec.augment)
+  keep_opt = spec.momentum != 0.0
+  init_fn = init_fn or (lambda i, k: network.init(k))
+  ids = list(range(spec.num)) if expert_ids is None else list(expert_ids)
+  for i in ids:
+    _drop_damaged(store, i)
+  todo = [i for i in ids if store.complete_epochs(i) < spec.epochs]
+  group = resolve_per_batch(spec.per_batch, spec.num)
+  epoch_fn = _epoch_fn(network, sgd, group)
+  acc_fn = jax.jit(lambda p, s: training.predict_accuracy(
+      network, p, s, test_images, test_labels))
+  lr = jnp.float32(spec.lr)
+
+  for g0 in range(0, len(todo), group):
+    members = todo[g0:g0 + group]
+    params, state, opt_state, epoch = _resume_group(
+        store, members, network, sgd, key, init_fn, keep_opt)
+    while epoch < spec.epochs:
+      if should_stop():
+        return store
+      t0 = time.time()
+      keys = jnp.stack([jax.random.fold_in(_train_key(key, i), epoch) for i in members])
+      params, state, opt_state, loss = epoch_fn(
+          params, state, opt_state, images, labels, keys, lr)
+      epoch += 1
+      accs = []
+      for j, i in enumerate(members):
+        p, s, o = jax.tree.map(lambda a, j=j: a[j], (params, state, opt_state))
+        acc = float(acc_fn(p, s))
+        accs.append(acc)
+        _save_snapshot(store, i, epoch, p, s, o if keep_opt else None,
+                       test_acc=acc, loss=float(loss[j]))
+      logging.info('experts %s epoch %d/%d: test acc %s (%.1fs)', members, epoch,
+                   spec.epochs, ' '.join(f'{a:.3f}' for a in accs), time.time() - t0)
+      if writer is not None:
+        for j, i in enumerate(members):
+          writer.add_scalar(f'experts/test_acc/{i}', accs[j], epoch)
+  return store
+
+
+def _train_key(key: jax.Array, expert: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.fold_in(key, expert), 1)
+
+
+def _init_key(key: jax.Array, expert: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.fold_in(key, expert), 0)
+
+
+def _epoch_fn(network: Network, sgd: training.SGDSpec, group: int):
+  """Jitted epoch over a group of experts (vmapped when the group has several)."""
+  def one(params, state, opt_state, images, labels, key, lr):
+    return training.run_epoch(network, sgd, params, state, opt_state, images,
+                              labels, key, lr)
+  if group > 1:
+    return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None, None, 0, None)))
+  jone = jax.jit(one)
+
+  def seq(params, state, opt_state, images, labels, keys, lr):
+    outs = [jone(*jax.tree.map(lambda a, j=j: a[j], (params, state, opt_state)),
+                 images, labels, keys[j], lr) for j in range(keys.shape[0])]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+  return seq
+
+
+def _snapshot_bytes(store: TrajectoryStore, expert: int, epoch: int) -> int:
+  """Total size of a snapshot's files: a cheap check for truncation."""
+  root = os.path.join(store.expert_dir(expert), str(epoch))
+  total = 0
+  for dirpath, _, files in os.walk(root):
+    total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+  return total
+
+
+def _drop_damaged(store: TrajectoryStore, expert: int) -> None:
+  """Forgets every snapshot from the first one whose files changed size (a
+  truncated or missing file) on, so training recomputes them. Costs a `stat`
+  per file; the CRC in `load` catches damage that keeps the size."""
+  snaps = store.progress(expert)['snapshots']
+  for e in range(store.complete_epochs(expert) + 1):
+    if snaps[str(e)].get('bytes') != _snapshot_bytes(store, expert, e):
+      logging.warning('expert %d snapshot %d is damaged: recomputing from there',
+                      expert, e)
+      _forget_from(store, expert, e)
+      return
+
+
+def _save_snapshot(store: TrajectoryStore, expert: int, epoch: int, params, state,
+                   opt_state, **stats) -> None:
+  item = {'params': _to_numpy(params)}
+  if state:
+    item['state'] = _to_numpy(state)
+  if opt_state is not None:  # leaves by index: Orbax restores plain containers
+    item['opt_state'] = {f'{i:04d}': np.asarray(leaf)
+                         for i, leaf in enumerate(jax.tree.leaves(opt_state))}
+  mgr = store._mgr(expert)
+  if epoch in mgr.all_steps():  # a stale, unrecorded attempt from a killed run
+    mgr.delete(epoch)
+  mgr.save(epoch, args=ocp.args.StandardSave(item), force=True)
+  mgr.wait_until_finished()
+  progress = store.progress(expert)
+  progress['snapshots'][str(epoch)] = dict(
+      crc=tree_crc32(item), bytes=_snapshot_bytes(store, expert, epoch), **stats)
+  _write_json(os.path.join(store.expert_dir(expert), 'progress.json'), progress)
+
+
+def _restore_valid(store: TrajectoryStore, expert: int, keep_opt: bool):
+  """Latest snapshot that restores and passes its checksum; drops the rest."""
+  e = store.complete_epochs(expert)
+  while e >= 0:
+    try:
+      item = store._mgr(expert).restore(e, args=ocp.args.StandardRestore())
+      item = _to_numpy(item)
+      if tree_crc32(item) == store.progress(expert)['snapshots'][str(e)]['crc'] and (
+          not keep_opt or 'opt_state' in item):
+        return e, item
+      logging.warning('expert %d snapshot %d fails its checksum: recomputing',
+                      expert, e)
+    except Exception as err:  # damaged files: recompute from the previous one
+      logging.warning('expert %d snapshot %d unreadable (%s): recomputing',
+                      expert, e, type(err).__name__)
+    _forget_from(store, expert, e)
+    e -= 1
+  return -1, None
+
+
+def _forget_from(store: TrajectoryStore, expert: int, epoch: int) -> None:
+  progress = store.progress(expert)
+  progress['snapshots'] = {k: v for k, v in progress['snapshots'].items()
+                           if int(k) < epoch}
+  _write_json(os.path.join(store.expert_dir(expert), 'progress.json'), progress)
+  for step in store._mgr(expert).all_steps():
+    if step >= epoch:
+      shutil.rmtree(os.path.join(store.expert_dir(expert), str(step)),
+                    ignore_errors=True)
+  store._managers.pop(expert, None)
+
+
+def _resume_group(store, members, network, sgd, key, init_fn, keep_opt):
+  """Common restart point of a group: the earliest last-valid snapshot."""
+  found = [_restore_valid(store, i, keep_opt) for i in members]
+  epoch = min(e for e, _ in found)
+  items = []
+  for i, (e, item) in zip(members, found):
+    if epoch < 0:
+      params, state = init_fn(i, _init_key(key, i))
+      item = {'params': _to_numpy(params), 'state': _to_numpy(state)}
+      _save_snapshot(store, i, 0, params, state,
+                     sgd.transform().init(params) if keep_opt else None)
+    elif e > epoch:
+      item = _to_numpy(store._mgr(i).restore(epoch, args=ocp.args.StandardRestore()))
+    items.append(item)
+  epoch = max(epoch, 0)
+  params = jax.tree.map(lambda *x: jnp.stack(x), *[it['params'] for it in items])
+  state = jax.tree.map(lambda *x: jnp.stack(x), *[it.get('state', {}) for it in items])
+  if keep_opt:
+    structure = jax.tree.structure(sgd.transform().init(items[0]['params']))
+    opt_state = jax.tree.unflatten(structure, [
+        jnp.stack([it['opt_state'][k] for it in items])
+        for k in sorted(items[0]['opt_state'])])
+  else:
+    opt_state = jax.vmap(sgd.transform().init)(params)
+  return params, state, opt_state, epoch

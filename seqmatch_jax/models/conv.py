@@ -1,0 +1,227 @@
+"""2-D convolution whose kernel gradient is a matmul, plus PyTorch-initialised layers.
+
+Meta-gradients differentiate through an unrolled student, so they need second-order
+gradients of every convolution. On XLA:CPU the convolution that computes a kernel
+gradient (and its own derivatives) is extremely slow (PERF_NOTES.md section 1: ~40x on
+the MTT meta-gradient). `conv2d(..., impl='im2col')` therefore uses a `jax.custom_vjp`
+whose
+
+* forward is an ordinary `lax.conv_general_dilated`;
+* input gradient is again a convolution (of the cotangent with the spatially flipped,
+  in/out-swapped kernel), computed by the *same* custom op, so every higher derivative
+  stays in this fast family;
+* kernel gradient is a sum over kernel taps of matmuls between shifted (strided)
+  slices of the padded input and the cotangent, i.e. `einsum('bhwk,bhwo->ko',
+  patches(x), g)` without materialising the patches. Its derivatives are slices, pads
+  and matmuls, which XLA:CPU handles well.
+
+Strides and padding are fully supported: the input gradient of a strided convolution
+is a stride-1 convolution of the lhs-dilated cotangent, and the input gradient of an
+lhs-dilated convolution is a strided one, so the op is closed under differentiation.
+
+The custom op supports reverse mode to any order (`grad` of `grad`), and `vmap`, but
+not forward mode (`jax.jvp`, `jax.hessian`, `jacfwd`): that is a `custom_vjp`
+restriction. Use `impl='xla'` where forward mode is needed.
+"""
+
+from collections.abc import Sequence
+import functools
+import math
+
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+CONV_IMPLS = ('auto', 'xla', 'im2col')
+
+_DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
+_Pairs = tuple[tuple[int, int], ...]
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """Maps 'auto' to the fast implementation for the default backend.
+
+  'im2col' on CPU (XLA:CPU's kernel-gradient convolution is the bottleneck there),
+  'xla' elsewhere (cuDNN/TPU convolutions are fast in every direction).
+  """
+  if impl not in CONV_IMPLS:
+    raise ValueError(
+        f'Unknown conv impl {impl!r}; expected one of {", ".join(CONV_IMPLS)}.')
+  if impl == 'auto':
+    return 'im2col' if jax.default_backend() == 'cpu' else 'xla'
+  return impl
+
+
+def _lax_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
+              padding: _Pairs, lhs_dilation: tuple[int, ...]) -> jax.Array:
+  return lax.conv_general_dilated(
+      x, kernel, window_strides=strides, padding=padding,
+      lhs_dilation=lhs_dilation, dimension_numbers=_DIMENSION_NUMBERS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
+                 padding: _Pairs, lhs_dilation: tuple[int, ...]) -> jax.Array:
+  """`lax.conv_general_dilated` (NHWC, HWIO) with the fast backward pass below."""
+  return _lax_conv(x, kernel, strides, padding, lhs_dilation)
+
+
+def _im2col_conv_fwd(x, kernel, strides, padding, lhs_dilation):
+  y = _lax_conv(x, kernel, strides, padding, lhs_dilation)
+  return y, (x, kernel)
+
+
+def _input_grad(g: jax.Array, kernel: jax.Array, in_spatial: Sequence[int],
+                strides: tuple[int, ...], padding: _Pairs,
+                lhs_dilation: tuple[int, ...]) -> jax.Array:
+  """Transpose of the convolution w.r.t. its input, as another custom convolution.
+
+  With y[o] = sum_k xpad[o*s + k] w[k] (xpad = x dilated by d, then padded by
+  (lo, hi)), the gradient is a correlation of the s-dilated cotangent, padded by
+  K-1-lo in front, with the flipped kernel, read with window stride d. The back
+  padding makes the padded length exactly (H-1)*d + K so the result has H rows.
+  Negative paddings (e.g. lo > K-1) crop, which XLA supports.
+  """
+  new_padding = []
+  for i, (lo, hi) in enumerate(padding):
+    k = kernel.shape[i]
+    dilated_in = (in_spatial[i] - 1) * lhs_dilation[i] + 1
+    dilated_g = (g.shape[1 + i] - 1) * strides[i] + 1
+    new_lo = k - 1 - lo
+    new_hi = dilated_in + k - 1 - new_lo - dilated_g
+    new_padding.append((new_lo, new_hi))
+  flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
+  return _im2col_conv(g, flipped, lhs_dilation, tuple(new_padding), strides)
+
+
+def _kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
+                 strides: tuple[int, ...], padding: _Pairs,
+                 lhs_dilation: tuple[int, ...]) -> jax.Array:
+  """Transpose w.r.t. the kernel: one (C x BHW) @ (BHW x O) matmul per kernel tap.
+
+  Taking strided slices of the padded input instead of materialising the patch
+  tensor (`lax.conv_general_dilated_patches`) keeps memory at one input copy, and
+  the slices' own transposes are cheap pads (the patch op's transpose is a dense
+  convolution with a one-hot kernel).
+  """
+  kh, kw = kernel_shape[0], kernel_shape[1]
+  (lo_h, hi_h), (lo_w, hi_w) = padding
+  zero = jnp.zeros((), x.dtype)
+  xp = lax.pad(x, zero, ((0, 0, 0), (lo_h, hi_h, lhs_dilation[0] - 1),
+                         (lo_w, hi_w, lhs_dilation[1] - 1), (0, 0, 0)))
+  out_h, out_w = g.shape[1], g.shape[2]
+  sh, sw = strides
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      window = lax.slice(
+          xp, (0, i, j, 0),
+          (xp.shape[0], i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1,
+           xp.shape[3]),
+          (1, sh, sw, 1))
+      taps.append(jnp.einsum('bhwc,bhwo->co', window, g))
+  return jnp.stack(taps).reshape(kernel_shape)
+
+
+def _im2col_conv_bwd(strides, padding, lhs_dilation, residuals, g):
+  x, kernel = residuals
+  dx = _input_grad(g, kernel, x.shape[1:3], strides, padding, lhs_dilation)
+  dk = _kernel_grad(x, g, kernel.shape, strides, padding, lhs_dilation)
+  return dx, dk
+
+
+_im2col_conv.defvjp(_im2col_conv_fwd, _im2col_conv_bwd)
+
+
+def _explicit_padding(x_spatial: Sequence[int], kernel_spatial: Sequence[int],
+                      strides: tuple[int, ...],
+                      padding: int | str | Sequence[tuple[int, int]]) -> _Pairs:
+  if isinstance(padding, str):
+    pads = lax.padtype_to_pads(x_spatial, kernel_spatial, strides, padding.upper())
+  elif isinstance(padding, int):
+    pads = [(padding, padding)] * len(kernel_spatial)
+  else:
+    pads = list(padding)
+  return tuple((int(lo), int(hi)) for lo, hi in pads)
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int | Sequence[int] = 1,
+           padding: int | str | Sequence[tuple[int, int]] = 0,
+           impl: str = 'auto') -> jax.Array:
+  """Cross-correlation (PyTorch `conv2d` semantics) of NHWC `x` with HWIO `kernel`.
+
+  Args:
+    x: (B, H, W, C_in) input.
+    kernel: (KH, KW, C_in, C_out) weights.
+    stride: window stride, int or (sh, sw).
+    padding: symmetric int, explicit ((lo, hi), (lo, hi)), or 'SAME' / 'VALID'.
+    impl: 'xla', 'im2col' or 'auto' (see `resolve_conv_impl`).
+
+  Returns:
+    (B, H_out, W_out, C_out).
+  """
+  impl = resolve_conv_impl(impl)
+  strides = (stride, stride) if isinstance(stride, int) else tuple(stride)
+  pads = _explicit_padding(x.shape[1:3], kernel.shape[:2], strides, padding)
+  if impl == 'xla':
+    return _lax_conv(x, kernel, strides, pads, (1, 1))
+  return _im2col_conv(x, kernel, strides, pads, (1, 1))
+
+
+def torch_uniform_init(fan_in: int) -> nn.initializers.Initializer:
+  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default Conv2d/Linear init.
+
+  kaiming_uniform(a=sqrt(5)) for weights and the matching bias rule both reduce to
+  this bound; the reference's accuracies (and expert trajectories) assume it.
+  """
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+  return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class Conv(nn.Module):
+  """2-D convolution layer (NHWC) with PyTorch's default initialisation."""
+  features: int
+  kernel_size: int | Sequence[int] = 3
+  stride: int | Sequence[int] = 1
+  padding: int | str | Sequence[tuple[int, int]] = 0
+  use_bias: bool = True
+  impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kh, kw = _pair(self.kernel_size)
+    in_features = x.shape[-1]
+    fan_in = in_features * kh * kw
+    kernel = self.param('kernel', torch_uniform_init(fan_in),
+                        (kh, kw, in_features, self.features))
+    y = conv2d(x, kernel, stride=self.stride, padding=self.padding,
+               impl=self.impl)
+    if self.use_bias:
+      bias = self.param('bias', torch_uniform_init(fan_in), (self.features,))
+      y = y + bias
+    return y
+
+
+class Dense(nn.Module):
+  """Fully connected layer with PyTorch's default `nn.Linear` initialisation."""
+  features: int
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    fan_in = x.shape[-1]
+    kernel = self.param('kernel', torch_uniform_init(fan_in),
+                        (fan_in, self.features))
+    y = x @ kernel
+    if self.use_bias:
+      y = y + self.param('bias', torch_uniform_init(fan_in), (self.features,))
+    return y

@@ -1,0 +1,283 @@
+"""The whole job: experts -> SeqMatch distillation -> evaluation, by `mode`.
+
+`run(config, workdir)` is what `main.py` calls and what a notebook can call.
+Every stage is resumable from the workdir: rerunning the same command skips
+finished work and continues unfinished work where its checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from seqmatch_jax import configuration
+from seqmatch_jax import data as data_lib
+from seqmatch_jax import evaluate as evaluate_lib
+from seqmatch_jax import experts as experts_lib
+from seqmatch_jax import parallel
+from seqmatch_jax import seqmatch
+from seqmatch_jax import visualize
+from seqmatch_jax.distill import Interrupted
+from seqmatch_jax.errors import UserError
+from seqmatch_jax.models import create_network
+
+
+@dataclasses.dataclass
+class PreparedData:
+  """A dataset in model space (normalised / ZCA-whitened), ready to train on."""
+  name: str
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  class_names: tuple[str, ...]
+  x_train: jax.Array
+  y_train: jax.Array
+  x_val: jax.Array
+  y_val: jax.Array
+  x_test: jax.Array
+  y_test: jax.Array
+  preprocessor: Any
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PreparedData:
+  ds = data_lib.load_dataset(config.dataset.name, config.dataset.data_dir or None)
+  ds, (x_val, y_val) = data_lib.split_validation(ds, config.dataset.val_size,
+                                                 config.seed)
+  cache = config.dataset.cache_dir or os.path.join(workdir, 'cache')
+  pre = data_lib.fit_preprocessor(ds, config.dataset.zca, cache_dir=cache)
+  to = lambda x: jnp.asarray(pre.to_model(np.asarray(x, np.float32)), jnp.float32)
+  return PreparedData(
+      name=ds.name, num_classes=ds.num_classes, image_shape=ds.image_shape,
+      class_names=ds.class_names, x_train=to(ds.x_train),
+      y_train=jnp.asarray(ds.y_train, jnp.int32), x_val=to(x_val),
+      y_val=jnp.asarray(y_val, jnp.int32), x_test=to(ds.x_test),
+      y_test=jnp.asarray(ds.y_test, jnp.int32), preprocessor=pre)
+
+
+class StopFlag:
+  """Set by SIGTERM/SIGINT; long loops poll it, save, and stop cleanly."""
+
+  def __init__(self):
+    self.raised = False
+
+  def __call__(self) -> bool:
+    return self.raised
+
+  @contextlib.contextmanager
+  def installed(self):
+    def handler(signum, frame):
+      if self.raised:  # second signal: give up at once
+        raise KeyboardInterrupt
+      logging.warning('signal %d: finishing the current step, saving, stopping', signum)
+      self.raised = True
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      yield self
+    finally:
+      for s, h in old.items():
+        signal.signal(s, h)
+
+
+def _writer(workdir: str):
+  if not parallel.is_main_process():
+    return None
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  return SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+
+def expert_metadata(config, data: PreparedData) -> dict:
+  return dict(dataset=data.name, image_shape=list(data.image_shape),
+              num_classes=data.num_classes, zca=bool(config.dataset.zca),
+              seed=config.seed, start='init',
+              model=dict(name=config.model.name, width=config.model.width,
+                         depth=config.model.depth, norm=config.model.norm),
+              val_size=config.dataset.val_size)
+
+
+def experts_dir(config, workdir: str) -> str:
+  return config.experts.dir or os.path.join(workdir, 'experts')
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """Validates, then runs the stages `config.mode` asks for."""
+  configuration.validate(config)
+  parallel.maybe_initialize_distributed(config.parallel.distributed)
+  os.makedirs(workdir, exist_ok=True)
+  if parallel.is_main_process():
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+  data = prepare_data(config, workdir)
+  network = create_network(config.model.name, data.num_classes, data.image_shape,
+                           width=config.model.width, depth=config.model.depth,
+                           norm=config.model.norm, conv_impl=config.model.conv_impl)
+  key = jax.random.key(config.seed)
+  stop = StopFlag()
+  writer = _writer(workdir)
+  results = None
+  try:
+    with stop.installed():
+      if config.mode in ('all', 'experts'):
+        train_real_experts(config, workdir, data, network, key, stop, writer)
+      if config.mode in ('all', 'distill'):
+        distill(config, workdir, data, network, key, stop, writer)
+      if config.mode in ('all', 'evaluate'):
+        results = evaluate(config, workdir, data, key)
+  finally:
+    if writer is not None:
+      writer.close()
+  return results
+
+
+def train_real_experts(config, workdir, data, network, key, stop, writer):
+  spec = experts_lib.ExpertSpec(
+      num=config.experts.num, epochs=config.experts.epochs, lr=config.experts.lr,
+      momentum=config.experts.momentum, batch_size=config.experts.batch_size,
+      augment=config.augment.strategy, per_batch=config.experts.per_batch)
+  path = experts_dir(config, workdir)
+  logging.info('training %d experts x %d epochs in %s', spec.num, spec.epochs, path)
+  store = experts_lib.train_experts(
+      network, spec, path, data.x_train, data.y_train, data.x_test, data.y_test,
+      jax.random.fold_in(key, 0), expert_metadata(config, data),
+      should_stop=stop, writer=writer)
+  if len(store.experts()) < spec.num:
+    raise Interrupted('stopped while training experts')
+  accs = [store.test_accuracy(i).get(spec.epochs, float('nan')) for i in store.experts()]
+  logging.info('experts done: final test accuracy %.4f ± %.4f', np.mean(accs),
+               np.std(accs))
+  return store
+
+
+def _context(config, workdir, data, network, key, stop, writer, mesh):
+  def on_eval(k, images_model, it):
+    if not parallel.is_main_process():
+      return
+    sizes = [p.ipc for p in seqmatch.subset_schedule(config)][:k + 1]
+    labels, _ = seqmatch.subset_layout(sizes, data.num_classes)
+    path = os.path.join(workdir, 'images', f'subset{k + 1}_it{it:06d}.png')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    visualize.save_grid(path, data.preprocessor.to_pixels(images_model), labels,
+                        data.num_classes)
+  return seqmatch.Context(
+      config=config, workdir=workdir, network=network, x_train=data.x_train,
+      y_train=data.y_train, x_test=data.x_test, y_test=data.y_test,
+      x_val=data.x_val, y_val=data.y_val, num_classes=data.num_classes,
+      experts_dir=experts_dir(config, workdir),
+      expert_metadata=expert_metadata(config, data), key=jax.random.fold_in(key, 1),
+      mesh=mesh, should_stop=stop, writer=writer, on_eval=on_eval,
+      progress=parallel.is_main_process())
+
+
+def backbone_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The same run as plain MTT: one subset, the distill.* scalars."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.seqmatch.num_subsets = 1
+  for name in ('subset_ipc', 'max_start_epoch', 'syn_steps', 'expert_epochs',
+               'lr_teacher', 'iterations'):
+    c.seqmatch[name] = ()
+  return c
+
+
+def distill(config, workdir, data, network, key, stop, writer):
+  mesh = parallel.make_mesh(config.parallel.num_devices)
+  runs = [('', config)]
+  if config.seqmatch.compare_backbone and config.seqmatch.num_subsets > 1:
+    runs.append(('mtt', backbone_config(config)))
+  for tag, cfg in runs:
+    out = os.path.join(workdir, tag, 'synthetic.npz')
+    if os.path.exists(out):
+      logging.info('%s exists: distillation done', out)
+      continue
+    syn = seqmatch.distill_all(_context(cfg, workdir, data, network, key, stop,
+                                        writer, mesh), tag=tag)
+    if parallel.is_main_process():
+      save_synthetic(out, syn, data, cfg)
+      visualize.save_grid(out.replace('.npz', '.png'),
+                          data.preprocessor.to_pixels(syn.images), syn.labels,
+                          data.num_classes)
+      logging.info('wrote %s (%d images, lr %s)', out, len(syn.labels), syn.lrs)
+
+
+def save_synthetic(path: str, syn: seqmatch.SyntheticSet, data: PreparedData,
+                   config) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  pixels = np.clip(np.asarray(data.preprocessor.to_pixels(syn.images)), 0.0, 1.0)
+  tmp = path + '.tmp.npz'
+  np.savez(tmp, images=pixels.astype(np.float32),
+           images_model=np.asarray(syn.images, np.float32),
+           labels=syn.labels, subset=syn.subset,
+           lr=np.asarray(syn.lrs, np.float32),
+           config=np.asarray(config.to_json_best_effort(sort_keys=True)))
+  os.replace(tmp, path)
+
+
+def _model_space(syn: evaluate_lib.SyntheticSet, data: PreparedData, path: str):
+  """Our own files carry the exact model-space images; others are converted."""
+  if syn.images_model is not None and syn.images_model.shape == syn.images.shape:
+    return syn.images_model
+  logging.info('%s has no images_model: converting pixels with this config\'s '
+               'preprocessing', path)
+  return np.asarray(data.preprocessor.to_model(syn.images))
+
+
+def evaluate(config, workdir, data: PreparedData, key) -> dict:
+  t0 = time.time()
+  eval_key = jax.random.fold_in(key, 2)
+  sets = []
+  if config.eval.synthetic:
+    sets.append(('synthetic', config.eval.synthetic))
+  else:
+    k = config.seqmatch.num_subsets
+    sets.append((f'SeqMatch-MTT (K={k})' if k > 1 else 'MTT',
+                 os.path.join(workdir, 'synthetic.npz')))
+    mtt = os.path.join(workdir, 'mtt', 'synthetic.npz')
+    if config.seqmatch.compare_backbone and k > 1:
+      sets.append(('MTT', mtt))
+  rows: dict[str, dict] = {}
+  for name, path in sets:
+    syn = evaluate_lib.load_synthetic(path, data.num_classes, data.image_shape)
+    images = _model_space(syn, data, path)
+    lr = syn.lr if syn.lr is not None else np.float32(config.distill.lr_teacher)
+    rows[name] = {}
+    for arch in config.eval.architectures:
+      r = evaluate_lib.evaluate_synthetic(
+          images, syn.labels, lr, config, eval_key, x_eval=data.x_test,
+          y_eval=data.y_test, num_classes=data.num_classes, subset=syn.subset,
+          architecture=arch)
+      rows[name][arch] = r
+      logging.info('%s / %s: %.2f ± %.2f %%', name, arch, r['mean'], r['std'])
+  ipc = config.ipc
+  for base in config.eval.baselines:
+    if base == 'random_real':
+      x, y = evaluate_lib.random_real(data.x_train, data.y_train, ipc,
+                                      data.num_classes, config.seed)
+      name, epochs = f'random real (ipc {ipc})', None
+    else:
+      x, y = data.x_train, data.y_train
+      name, epochs = 'whole training set', config.eval.whole_epochs
+    rows[name] = {}
+    for arch in config.eval.architectures:
+      r = evaluate_lib.evaluate_synthetic(
+          x, y, config.distill.lr_teacher, config, eval_key, x_eval=data.x_test,
+          y_eval=data.y_test, num_classes=data.num_classes, architecture=arch,
+          epochs=epochs)
+      rows[name][arch] = r
+      logging.info('%s / %s: %.2f ± %.2f %%', name, arch, r['mean'], r['std'])
+  results = dict(rows=rows, config=json.loads(config.to_json_best_effort()),
+                 wall_time_s=time.time() - t0, dataset=data.name,
+                 devices=[str(d) for d in jax.devices()])
+  if parallel.is_main_process():
+    evaluate_lib.write_results(workdir, results)
+    summary = '; '.join(f"{n}: {r[a]['mean']:.2f}±{r[a]['std']:.2f}"
+                        for n, r in rows.items() for a in r)
+    print(f'results ({data.name}, test accuracy %): {summary}')
+  return results

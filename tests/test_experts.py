@@ -1,0 +1,132 @@
+"""Expert trajectories: layout, learning, batched == sequential, resume,
+window loads, damaged snapshots."""
+
+import glob
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from seqmatch_jax import experts
+from seqmatch_jax.errors import CheckpointError
+from tests import helpers
+
+META = dict(dataset='digits', image_shape=[8, 8, 1], num_classes=10, zca=False,
+            seed=0, start='init', model=dict(name='convnet', width=8))
+
+
+def _spec(num=2, epochs=3, per_batch=1):
+  return experts.ExpertSpec(num=num, epochs=epochs, lr=0.05, momentum=0.0,
+                            batch_size=256, augment='', per_batch=per_batch)
+
+
+def _train(path, spec, **kw):
+  x, y, xt, yt, _, _ = helpers.digits_model_space()
+  return experts.train_experts(helpers.tiny_convnet(), spec, str(path), x, y, xt,
+                               yt, jax.random.key(0), META, **kw)
+
+
+def _trajectory(store, i):
+  return [store.load(i, e) for e in range(store.epochs + 1)]
+
+
+def _assert_same(a, b, exact=True):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    if exact:
+      np.testing.assert_array_equal(x, y)
+    else:
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  path = tmp_path_factory.mktemp('experts')
+  return path, _train(path, _spec())
+
+
+def test_snapshots_shapes_and_learning(trained):
+  _, store = trained
+  assert store.experts() == [0, 1]
+  net = helpers.tiny_convnet()
+  ref = net.init(jax.random.key(1))[0]
+  for i in store.experts():
+    traj = _trajectory(store, i)
+    assert len(traj) == 4
+    assert jax.tree.map(np.shape, traj[0]) == jax.tree.map(np.shape, ref)
+    assert not np.array_equal(jax.tree.leaves(traj[0])[0], jax.tree.leaves(traj[3])[0])
+    acc = store.test_accuracy(i)
+    assert acc[3] > acc[1] and acc[3] > 0.3  # chance is 0.1
+    loss = {int(k): v['loss'] for k, v in store.progress(i)['snapshots'].items()
+            if 'loss' in v}
+    assert loss[3] < loss[1]
+
+
+def test_batched_equals_sequential(trained, tmp_path):
+  _, store = trained
+  batched = _train(tmp_path, _spec(per_batch=2))
+  for i in (0, 1):
+    _assert_same(_trajectory(store, i), _trajectory(batched, i), exact=False)
+
+
+def test_resume_equals_uninterrupted(trained, tmp_path):
+  _, store = trained
+  calls = {'n': 0}
+
+  def stop_after_two_epochs():
+    calls['n'] += 1
+    return calls['n'] > 2
+  partial = _train(tmp_path, _spec(), should_stop=stop_after_two_epochs)
+  assert partial.experts() == []
+  resumed = _train(tmp_path, _spec())
+  for i in (0, 1):
+    _assert_same(_trajectory(store, i), _trajectory(resumed, i))
+
+
+def test_window_load_touches_only_requested_snapshots(trained, monkeypatch):
+  _, store = trained
+  fresh = experts.TrajectoryStore(store.path)
+  seen = []
+  original = ocp.CheckpointManager.restore
+
+  def spy(self, step, *a, **k):
+    seen.append(step)
+    return original(self, step, *a, **k)
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', spy)
+  fresh.load(1, 1)
+  fresh.load(1, 3)
+  assert seen == [1, 3]
+
+
+def test_truncated_snapshot_is_detected_and_recomputed(trained, tmp_path):
+  _, store = trained
+  import shutil
+  copy = tmp_path / 'copy'
+  shutil.copytree(store.path, copy)
+  files = [f for f in glob.glob(str(copy / 'expert_0001' / '2' / '**' / '*'),
+                                recursive=True)
+           if os.path.isfile(f) and os.path.getsize(f) > 100]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, 'r+b') as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+  damaged = experts.TrajectoryStore(str(copy))
+  with pytest.raises(CheckpointError):
+    damaged.load(1, 2)
+  repaired = _train(copy, _spec())
+  _assert_same(_trajectory(store, 1), _trajectory(repaired, 1))
+
+
+def test_custom_start_and_metadata_mismatch(tmp_path):
+  net = helpers.tiny_convnet()
+  start = net.init(jax.random.key(42))
+  store = _train(tmp_path, _spec(num=1, epochs=1), init_fn=lambda i, k: start)
+  _assert_same(store.load(0, 0), start[0])
+  with pytest.raises(CheckpointError, match='different settings'):
+    _train(tmp_path, experts.ExpertSpec(num=1, epochs=2, lr=0.1, momentum=0.0,
+                                        batch_size=256, augment='', per_batch=1))
+
+
+def test_missing_store_is_a_clear_error(tmp_path):
+  with pytest.raises(CheckpointError, match='mode=experts'):
+    experts.TrajectoryStore(str(tmp_path / 'nothing'))
