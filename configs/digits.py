@@ -7,7 +7,7 @@ Variants: configs/digits.py:ipc=N,k=N.
 from configs import common
 
 BASE = {
-    'model.width': 64,
+    'model.width': 64, 'model.depth': 2,  # 8 -> 4 -> 2: no instance norm on 2x2
     'dataset.val_size': 150,
     'experts.num': 10, 'experts.epochs': 15, 'experts.lr': 0.03,
     'experts.batch_size': 64,
@@ -27,7 +27,7 @@ TABLES = {
     # iterations (distill.iterations) as SeqMatch spends over both subsets.
     10: {'distill.iterations': 300, 'distill.syn_steps': 20,
          'distill.expert_epochs': 2, 'distill.max_start_epoch': 8,
-         'distill.lr_img': 100.0, 'distill.lr_lr': 1e-5,
+         'distill.lr_img': 1000.0, 'distill.lr_lr': 1e-5,
          'distill.lr_teacher': 0.01, 'seqmatch.num_subsets': 2,
          'seqmatch.iterations': (150, 150), 'seqmatch.max_start_epoch': (8, 5)},
 }

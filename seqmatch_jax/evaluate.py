@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from seqmatch_jax import parallel
 from seqmatch_jax import training
 from seqmatch_jax.errors import DataError
 from seqmatch_jax.models import Network, create_network
@@ -64,8 +65,8 @@ def stage_sets(images, labels, subset) -> list[tuple[jax.Array, jax.Array]]:
 
 @functools.lru_cache(maxsize=32)
 def _compiled_runner(network: Network, protocol: Protocol, num_stages: int,
-                     mode: str):
-  """Jitted (keys, lrs, stages, x_eval, y_eval) -> accuracies [models, stages].
+                     mesh=None):
+  """(keys, lrs, stages, x_eval, y_eval) -> accuracies [models, stages].
 
   Cached so the evaluations inside a distillation run compile once.
   """
@@ -81,23 +82,16 @@ def _compiled_runner(network: Network, protocol: Protocol, num_stages: int,
           lrs[k], protocol.epochs)
       accs.append(training.predict_accuracy(network, params, state, x_eval, y_eval))
     return jnp.stack(accs)
-
-  if mode == 'vmap':
-    return jax.jit(jax.vmap(run, in_axes=(0, 0, None, None, None)))
-  one = jax.jit(run)
-
-  def in_turn(keys, lrs, stages, x_eval, y_eval):
-    return jnp.stack([one(keys[i], lrs[i], stages, x_eval, y_eval)
-                      for i in range(keys.shape[0])])
-  return in_turn
+  return parallel.map_models(run, 2, protocol.parallel, mesh)
 
 
 def train_and_score(network: Network, protocol: Protocol, keys: jax.Array,
                     stages: Sequence[tuple[jax.Array, jax.Array]],
-                    lrs: jax.Array, x_eval: jax.Array, y_eval: jax.Array) -> np.ndarray:
-  """Accuracies [num_models, num_stages]; model i uses `keys[i]`."""
-  run = _compiled_runner(network, protocol, len(stages),
-                         training.resolve_parallel(protocol.parallel))
+                    lrs: jax.Array, x_eval: jax.Array, y_eval: jax.Array,
+                    mesh=None) -> np.ndarray:
+  """Accuracies [num_models, num_stages]; model i uses `keys[i]`. Models run
+  one by one or vmapped per `protocol.parallel`, sharded over `mesh` if given."""
+  run = _compiled_runner(network, protocol, len(stages), mesh)
   n = keys.shape[0]
   lrs = jnp.broadcast_to(jnp.asarray(lrs, jnp.float32), (n, len(stages)))
   return np.asarray(run(keys, lrs, tuple(stages), x_eval, y_eval))
@@ -113,8 +107,8 @@ def summarize(accs: np.ndarray) -> dict[str, Any]:
 def evaluate_synthetic(images, labels, lr, config: ml_collections.ConfigDict,
                        key: jax.Array, *, x_eval, y_eval, num_classes: int,
                        subset=None, architecture: str | None = None,
-                       num_models: int | None = None, epochs: int | None = None
-                       ) -> dict[str, Any]:
+                       num_models: int | None = None, epochs: int | None = None,
+                       mesh=None) -> dict[str, Any]:
   """Trains `eval.num_models` fresh networks on (images, labels), in stages when
   `subset` is given (lr then holds one value per subset), and scores them on
   (x_eval, y_eval). Returns summary dicts: final and after each stage."""
@@ -130,7 +124,7 @@ def evaluate_synthetic(images, labels, lr, config: ml_collections.ConfigDict,
   n = num_models or config.eval.num_models
   keys = jax.random.split(key, n)
   accs = train_and_score(network, protocol, keys, stages, jnp.asarray(lrs),
-                         jnp.asarray(x_eval), jnp.asarray(y_eval))
+                         jnp.asarray(x_eval), jnp.asarray(y_eval), mesh)
   out = summarize(accs[:, -1])
   out['stages'] = [summarize(accs[:, k]) for k in range(accs.shape[1])]
   out['lr'] = [float(v) for v in lrs]

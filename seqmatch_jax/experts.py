@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from seqmatch_jax import parallel
 from seqmatch_jax import training
 from seqmatch_jax.errors import CheckpointError
 from seqmatch_jax.models import Network
@@ -164,10 +165,12 @@ class ExpertSpec:
 
 
 def resolve_per_batch(per_batch: int, num: int) -> int:
-  """Default: 1 on CPU (vmap over models loses there), up to 8 on accelerators."""
+  """Default: 1 on CPU (vmap over models loses there), else 8 per device."""
   if per_batch > 0:
     return min(per_batch, num)
-  return 1 if jax.default_backend() == 'cpu' else min(8, num)
+  if jax.default_backend() == 'cpu':
+    return 1
+  return min(8 * jax.device_count(), num)
 
 
 def _check_metadata(path: str, metadata: dict) -> None:
@@ -193,7 +196,7 @@ def train_experts(network: Network, spec: ExpertSpec, path: str,
                   init_fn: InitFn | None = None,
                   expert_ids: Sequence[int] | None = None,
                   should_stop: Callable[[], bool] = lambda: False,
-                  writer=None) -> TrajectoryStore:
+                  writer=None, mesh=None) -> TrajectoryStore:
   """Trains (or finishes training) `spec.num` experts, saving every epoch.
 
   Args:
@@ -202,6 +205,7 @@ def train_experts(network: Network, spec: ExpertSpec, path: str,
       the earlier synthetic subsets.
     expert_ids: train only these (others, e.g. on other hosts, skip).
     should_stop: polled between epochs; when true, returns after saving.
+    mesh: with several devices, a vmapped group is sharded over them.
   Returns:
     The store over `path`.
   """
@@ -221,7 +225,7 @@ def train_experts(network: Network, spec: ExpertSpec, path: str,
     _drop_damaged(store, i)
   todo = [i for i in ids if store.complete_epochs(i) < spec.epochs]
   group = resolve_per_batch(spec.per_batch, spec.num)
-  epoch_fn = _epoch_fn(network, sgd, group)
+  epoch_fn = _epoch_fn(network, sgd, group, mesh)
   acc_fn = jax.jit(lambda p, s: training.predict_accuracy(
       network, p, s, test_images, test_labels))
   lr = jnp.float32(spec.lr)
@@ -261,20 +265,15 @@ def _init_key(key: jax.Array, expert: int) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(key, expert), 0)
 
 
-def _epoch_fn(network: Network, sgd: training.SGDSpec, group: int):
-  """Jitted epoch over a group of experts (vmapped when the group has several)."""
-  def one(params, state, opt_state, images, labels, key, lr):
+def _epoch_fn(network: Network, sgd: training.SGDSpec, group: int, mesh=None):
+  """One epoch for a group of experts: vmapped (sharded over `mesh`) when the
+  group has several, else one compiled single-expert program."""
+  def one(params, state, opt_state, key, images, labels, lr):
     return training.run_epoch(network, sgd, params, state, opt_state, images,
                               labels, key, lr)
-  if group > 1:
-    return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None, None, 0, None)))
-  jone = jax.jit(one)
-
-  def seq(params, state, opt_state, images, labels, keys, lr):
-    outs = [jone(*jax.tree.map(lambda a, j=j: a[j], (params, state, opt_state)),
-                 images, labels, keys[j], lr) for j in range(keys.shape[0])]
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-  return seq
+  mapped = parallel.map_models(one, 4, 'vmap' if group > 1 else 'sequential', mesh)
+  return lambda p, s, o, images, labels, keys, lr: mapped(p, s, o, keys, images,
+                                                          labels, lr)
 
 
 def _snapshot_bytes(store: TrajectoryStore, expert: int, epoch: int) -> int:

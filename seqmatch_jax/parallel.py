@@ -8,9 +8,11 @@ shard models over it. On one device everything reduces to plain `jit`.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -56,3 +58,58 @@ def sharded(mesh: Mesh) -> NamedSharding:
 def is_main_process() -> bool:
   """Only process 0 writes logs, images and results."""
   return jax.process_index() == 0
+
+
+def resolve_model_parallel(mode: str) -> str:
+  """'auto' -> one model after another on CPU (vmap over models loses there,
+  PERF_NOTES.md section 3), vmapped (and sharded over devices) elsewhere."""
+  if mode not in ('auto', 'vmap', 'sequential'):
+    raise ConfigError(f'model parallelism must be auto|vmap|sequential, got {mode!r}')
+  if mode == 'auto':
+    return 'sequential' if jax.default_backend() == 'cpu' else 'vmap'
+  return mode
+
+
+def map_models(fn: Callable, num_mapped: int, mode: str,
+               mesh: Mesh | None = None) -> Callable:
+  """Maps jitted `fn` over the leading (model) axis of its first `num_mapped`
+  arguments; the remaining arguments are shared by every model.
+
+  'vmap' batches the models in one program and, on a mesh of several devices,
+  shards them over `data` (padding the count to a multiple of the devices);
+  'sequential' runs one compiled single-model program per model. Both give the
+  same numbers for the same per-model inputs.
+  """
+  mode = resolve_model_parallel(mode)
+  if mode == 'sequential':
+    one = jax.jit(fn)
+
+    def in_turn(*args):
+      mapped, shared = args[:num_mapped], args[num_mapped:]
+      n = jax.tree.leaves(mapped)[0].shape[0]
+      outs = [one(*jax.tree.map(lambda a, i=i: a[i], mapped), *shared)
+              for i in range(n)]
+      return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+    return in_turn
+
+  in_axes = (0,) * num_mapped
+
+  def batched(*args):
+    return jax.vmap(fn, in_axes=in_axes + (None,) * (len(args) - num_mapped))(*args)
+  if mesh is None or mesh.size == 1:
+    return jax.jit(batched)
+  jitted = jax.jit(batched)
+  devices = mesh.size
+
+  def sharded_call(*args):
+    mapped, shared = args[:num_mapped], args[num_mapped:]
+    n = jax.tree.leaves(mapped)[0].shape[0]
+    pad = -n % devices
+    if pad:
+      mapped = jax.tree.map(
+          lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)]), mapped)
+    mapped = jax.device_put(mapped, sharded(mesh))
+    shared = jax.device_put(shared, replicated(mesh))
+    out = jitted(*mapped, *shared)
+    return jax.tree.map(lambda a: a[:n], out)
+  return sharded_call

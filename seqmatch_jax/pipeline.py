@@ -148,7 +148,8 @@ def train_real_experts(config, workdir, data, network, key, stop, writer):
   store = experts_lib.train_experts(
       network, spec, path, data.x_train, data.y_train, data.x_test, data.y_test,
       jax.random.fold_in(key, 0), expert_metadata(config, data),
-      should_stop=stop, writer=writer)
+      should_stop=stop, writer=writer,
+      mesh=parallel.make_mesh(config.parallel.num_devices))
   if len(store.experts()) < spec.num:
     raise Interrupted('stopped while training experts')
   accs = [store.test_accuracy(i).get(spec.epochs, float('nan')) for i in store.experts()]
@@ -231,6 +232,7 @@ def _model_space(syn: evaluate_lib.SyntheticSet, data: PreparedData, path: str):
 
 def evaluate(config, workdir, data: PreparedData, key) -> dict:
   t0 = time.time()
+  mesh = parallel.make_mesh(config.parallel.num_devices)
   eval_key = jax.random.fold_in(key, 2)
   sets = []
   if config.eval.synthetic:
@@ -252,7 +254,7 @@ def evaluate(config, workdir, data: PreparedData, key) -> dict:
       r = evaluate_lib.evaluate_synthetic(
           images, syn.labels, lr, config, eval_key, x_eval=data.x_test,
           y_eval=data.y_test, num_classes=data.num_classes, subset=syn.subset,
-          architecture=arch)
+          architecture=arch, mesh=mesh)
       rows[name][arch] = r
       logging.info('%s / %s: %.2f ± %.2f %%', name, arch, r['mean'], r['std'])
   ipc = config.ipc
@@ -269,7 +271,7 @@ def evaluate(config, workdir, data: PreparedData, key) -> dict:
       r = evaluate_lib.evaluate_synthetic(
           x, y, config.distill.lr_teacher, config, eval_key, x_eval=data.x_test,
           y_eval=data.y_test, num_classes=data.num_classes, architecture=arch,
-          epochs=epochs)
+          epochs=epochs, mesh=mesh)
       rows[name][arch] = r
       logging.info('%s / %s: %.2f ± %.2f %%', name, arch, r['mean'], r['std'])
   results = dict(rows=rows, config=json.loads(config.to_json_best_effort()),

@@ -259,7 +259,7 @@ def _experts_for(ctx: Context, k: int, done_images, labels, subset, lrs,
       ctx.network, spec, path, ctx.x_train, ctx.y_train, ctx.x_test, ctx.y_test,
       jax.random.fold_in(ctx.key, 200 + k), meta,
       init_fn=staged_init_fn(ctx.network, protocol, stages, lrs[:k]),
-      should_stop=ctx.should_stop, writer=ctx.writer)
+      should_stop=ctx.should_stop, writer=ctx.writer, mesh=ctx.mesh)
   if len(store.experts()) < spec.num:
     raise distill_lib.Interrupted(f'stopped while training staged experts for '
                                   f'subset {k + 1}')
@@ -276,6 +276,6 @@ def _val_evaluator(ctx: Context, labels, subset, prev_lrs):
         images, labels, lrs, config, jax.random.fold_in(ctx.key, 300 + it),
         x_eval=ctx.x_val, y_eval=ctx.y_val, num_classes=ctx.num_classes,
         subset=subset, num_models=config.distill.eval_models,
-        epochs=config.distill.eval_epochs)
+        epochs=config.distill.eval_epochs, mesh=ctx.mesh)
     return r['mean'] / 100.0
   return evaluate_fn

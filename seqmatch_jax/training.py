@@ -154,12 +154,3 @@ def predict_accuracy(network: Network, params: Params, state: State,
   correct = jax.lax.map(body, (x.reshape((num, chunk) + x.shape[1:]),
                                y.reshape(num, chunk), valid.reshape(num, chunk)))
   return jnp.sum(correct) / n
-
-
-def resolve_parallel(mode: str) -> str:
-  """'auto' -> vmap over models on accelerators, one by one on CPU."""
-  if mode not in ('auto', 'vmap', 'sequential'):
-    raise ValueError(f"parallel mode must be auto|vmap|sequential, got {mode!r}")
-  if mode == 'auto':
-    return 'sequential' if jax.default_backend() == 'cpu' else 'vmap'
-  return mode

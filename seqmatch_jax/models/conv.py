@@ -10,10 +10,10 @@ whose
 * input gradient is again a convolution (of the cotangent with the spatially flipped,
   in/out-swapped kernel), computed by the *same* custom op, so every higher derivative
   stays in this fast family;
-* kernel gradient is a sum over kernel taps of matmuls between shifted (strided)
-  slices of the padded input and the cotangent, i.e. `einsum('bhwk,bhwo->ko',
-  patches(x), g)` without materialising the patches. Its derivatives are slices, pads
-  and matmuls, which XLA:CPU handles well.
+* kernel gradient is one matmul of im2col patches with the cotangent,
+  `einsum('bhwk,bhwo->ko', patches(x), g)`, the patches being strided slices of the
+  padded input. Its derivatives are slices, pads and matmuls, which XLA:CPU handles
+  well. (The patch matrix is KH*KW times the input: transient memory, not FLOPs.)
 
 Strides and padding are fully supported: the input gradient of a strided convolution
 is a stride-1 convolution of the lhs-dilated cotangent, and the input gradient of an
@@ -68,7 +68,11 @@ def _im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
 
 
 def _im2col_conv_fwd(x, kernel, strides, padding, lhs_dilation):
-  y = _lax_conv(x, kernel, strides, padding, lhs_dilation)
+  # The primal is the custom op itself, not `_lax_conv`: under nested
+  # differentiation (grad of grad, e.g. inside a scanned unroll) an outer level
+  # traces this rule, and a plain lax conv here would be transposed w.r.t. the
+  # kernel by XLA's slow convolution again.
+  y = _im2col_conv(x, kernel, strides, padding, lhs_dilation)
   return y, (x, kernel)
 
 
@@ -98,30 +102,34 @@ def _input_grad(g: jax.Array, kernel: jax.Array, in_spatial: Sequence[int],
 def _kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
                  strides: tuple[int, ...], padding: _Pairs,
                  lhs_dilation: tuple[int, ...]) -> jax.Array:
-  """Transpose w.r.t. the kernel: one (C x BHW) @ (BHW x O) matmul per kernel tap.
+  """Transpose w.r.t. the kernel: im2col patches (BHW x KH*KW*C) @ g (BHW x O).
 
-  Taking strided slices of the padded input instead of materialising the patch
-  tensor (`lax.conv_general_dilated_patches`) keeps memory at one input copy, and
-  the slices' own transposes are cheap pads (the patch op's transpose is a dense
-  convolution with a one-hot kernel).
+  The patches are strided slices of the padded (and lhs-dilated) input,
+  concatenated along channels in (kh, kw, c) order so the product reshapes
+  straight to HWIO. Measured on the CPU (3x3, 16x16..32x32 x 128, batch 100),
+  this single matmul beat one matmul per kernel tap by ~1.8x in the ConvNet-3
+  meta-gradient, and `lax.conv_general_dilated_patches` by >10x in its own
+  transpose (a dense convolution with a one-hot kernel), which second-order
+  gradients need; the slices' transposes are cheap pads.
   """
   kh, kw = kernel_shape[0], kernel_shape[1]
   (lo_h, hi_h), (lo_w, hi_w) = padding
   zero = jnp.zeros((), x.dtype)
   xp = lax.pad(x, zero, ((0, 0, 0), (lo_h, hi_h, lhs_dilation[0] - 1),
                          (lo_w, hi_w, lhs_dilation[1] - 1), (0, 0, 0)))
-  out_h, out_w = g.shape[1], g.shape[2]
+  batch, out_h, out_w, out_c = g.shape
   sh, sw = strides
-  taps = []
-  for i in range(kh):
-    for j in range(kw):
-      window = lax.slice(
-          xp, (0, i, j, 0),
-          (xp.shape[0], i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1,
-           xp.shape[3]),
-          (1, sh, sw, 1))
-      taps.append(jnp.einsum('bhwc,bhwo->co', window, g))
-  return jnp.stack(taps).reshape(kernel_shape)
+  taps = [
+      lax.slice(xp, (0, i, j, 0),
+                (batch, i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1,
+                 xp.shape[3]),
+                (1, sh, sw, 1))
+      for i in range(kh) for j in range(kw)
+  ]
+  patches = jnp.concatenate(taps, axis=3) if len(taps) > 1 else taps[0]
+  patches = patches.reshape(batch * out_h * out_w, kh * kw * x.shape[3])
+  dk = patches.T @ g.reshape(batch * out_h * out_w, out_c)
+  return dk.reshape(kernel_shape)
 
 
 def _im2col_conv_bwd(strides, padding, lhs_dilation, residuals, g):
