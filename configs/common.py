@@ -71,6 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.seqmatch.expert_epochs = ()
   c.seqmatch.lr_teacher = ()
   c.seqmatch.iterations = ()
+  c.seqmatch.lr_img = ()
+  c.seqmatch.lr_lr = ()
   c.seqmatch.compare_backbone = False  # also distil plain MTT (K=1) and compare
 
   c.eval = ml_collections.ConfigDict()
@@ -89,6 +91,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.parallel.distributed = 'auto'  # auto | yes | no: jax.distributed.initialize
   c.parallel.num_devices = 0  # 0 = every device
   return c
+
+
+PER_SUBSET = ('subset_ipc', 'max_start_epoch', 'syn_steps', 'expert_epochs',
+              'lr_teacher', 'iterations', 'lr_img', 'lr_lr')
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -137,7 +143,6 @@ def table_config(dataset: str, arg: str | None, tables: dict[int, dict],
   if args.k:
     c.seqmatch.num_subsets = args.k
     if args.k == 1:
-      for name in ('subset_ipc', 'max_start_epoch', 'syn_steps', 'expert_epochs',
-                   'lr_teacher', 'iterations'):
+      for name in PER_SUBSET:
         c.seqmatch[name] = ()
   return c

@@ -78,7 +78,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   plans = seqmatch.subset_schedule(config)  # checks K, subset sizes, list lengths
   for p in plans:
     for name in ('iterations', 'syn_steps', 'expert_epochs', 'max_start_epoch',
-                 'lr_teacher'):
+                 'lr_teacher', 'lr_img', 'lr_lr'):
       if getattr(p, name) <= 0:
         raise ConfigError(f'seqmatch.{name} of subset {p.index + 1} must be '
                           f'positive, got {getattr(p, name)}.')

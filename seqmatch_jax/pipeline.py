@@ -183,7 +183,7 @@ def backbone_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   c = ml_collections.ConfigDict(config.to_dict())
   c.seqmatch.num_subsets = 1
   for name in ('subset_ipc', 'max_start_epoch', 'syn_steps', 'expert_epochs',
-               'lr_teacher', 'iterations'):
+               'lr_teacher', 'iterations', 'lr_img', 'lr_lr'):
     c.seqmatch[name] = ()
   return c
 

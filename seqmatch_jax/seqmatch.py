@@ -73,13 +73,16 @@ def subset_schedule(config: ml_collections.ConfigDict) -> list[distill_lib.Subse
       expert_epochs=_per_subset(s.expert_epochs, d.expert_epochs, k, 'expert_epochs'),
       max_start_epoch=_per_subset(s.max_start_epoch, d.max_start_epoch, k,
                                   'max_start_epoch'),
-      lr_teacher=_per_subset(s.lr_teacher, d.lr_teacher, k, 'lr_teacher'))
+      lr_teacher=_per_subset(s.lr_teacher, d.lr_teacher, k, 'lr_teacher'),
+      lr_img=_per_subset(s.lr_img, d.lr_img, k, 'lr_img'),
+      lr_lr=_per_subset(s.lr_lr, d.lr_lr, k, 'lr_lr'))
   return [distill_lib.SubsetPlan(
       index=i, ipc=sizes[i], iterations=int(cols['iterations'][i]),
       syn_steps=int(cols['syn_steps'][i]),
       expert_epochs=int(cols['expert_epochs'][i]),
       max_start_epoch=int(cols['max_start_epoch'][i]),
-      lr_teacher=float(cols['lr_teacher'][i]), lr_img=d.lr_img, lr_lr=d.lr_lr,
+      lr_teacher=float(cols['lr_teacher'][i]), lr_img=float(cols['lr_img'][i]),
+      lr_lr=float(cols['lr_lr'][i]),
       batch_syn=d.batch_syn, min_syn_lr=d.min_syn_lr) for i in range(k)]
 
 

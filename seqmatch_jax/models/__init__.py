@@ -1,4 +1,4 @@
-"""Networks for distillation and evaluation, behind a functional `Network` API."""
+"""Networks for distillation and evaluation, behind a functional API."""
 
 from seqmatch_jax.models.conv import Conv
 from seqmatch_jax.models.conv import conv2d

@@ -1,26 +1,27 @@
-"""2-D convolution whose kernel gradient is a matmul, plus PyTorch-initialised layers.
+"""2-D convolution with a matmul kernel gradient; PyTorch-initialised layers.
 
-Meta-gradients differentiate through an unrolled student, so they need second-order
-gradients of every convolution. On XLA:CPU the convolution that computes a kernel
-gradient (and its own derivatives) is extremely slow (PERF_NOTES.md section 1: ~40x on
-the MTT meta-gradient). `conv2d(..., impl='im2col')` therefore uses a `jax.custom_vjp`
-whose
+Meta-gradients differentiate through an unrolled student, so they need
+second-order gradients of every convolution. On XLA:CPU the convolution that
+computes a kernel gradient (and its own derivatives) is extremely slow
+(PERF_NOTES.md section 1). `conv2d(..., impl='im2col')` therefore uses a
+`jax.custom_vjp` whose
 
 * forward is an ordinary `lax.conv_general_dilated`;
-* input gradient is again a convolution (of the cotangent with the spatially flipped,
-  in/out-swapped kernel), computed by the *same* custom op, so every higher derivative
-  stays in this fast family;
+* input gradient is again a convolution (of the cotangent with the spatially
+  flipped, in/out-swapped kernel), computed by the *same* custom op, so every
+  higher derivative stays in this fast family;
 * kernel gradient is one matmul of im2col patches with the cotangent,
-  `einsum('bhwk,bhwo->ko', patches(x), g)`, the patches being strided slices of the
-  padded input. Its derivatives are slices, pads and matmuls, which XLA:CPU handles
-  well. (The patch matrix is KH*KW times the input: transient memory, not FLOPs.)
+  `einsum('bhwk,bhwo->ko', patches(x), g)`, the patches being strided slices of
+  the padded input. Its derivatives are slices, pads and matmuls, which XLA:CPU
+  handles well. (The patch matrix is KH*KW times the input: transient memory.)
 
-Strides and padding are fully supported: the input gradient of a strided convolution
-is a stride-1 convolution of the lhs-dilated cotangent, and the input gradient of an
-lhs-dilated convolution is a strided one, so the op is closed under differentiation.
+Strides and padding are fully supported: the input gradient of a strided
+convolution is a stride-1 convolution of the lhs-dilated cotangent, and the
+input gradient of an lhs-dilated convolution is a strided one, so the op is
+closed under differentiation.
 
-The custom op supports reverse mode to any order (`grad` of `grad`), and `vmap`, but
-not forward mode (`jax.jvp`, `jax.hessian`, `jacfwd`): that is a `custom_vjp`
+The custom op supports reverse mode to any order (`grad` of `grad`) and `vmap`,
+but not forward mode (`jax.jvp`, `jax.hessian`, `jacfwd`): a `custom_vjp`
 restriction. Use `impl='xla'` where forward mode is needed.
 """
 
@@ -42,8 +43,8 @@ _Pairs = tuple[tuple[int, int], ...]
 def resolve_conv_impl(impl: str) -> str:
   """Maps 'auto' to the fast implementation for the default backend.
 
-  'im2col' on CPU (XLA:CPU's kernel-gradient convolution is the bottleneck there),
-  'xla' elsewhere (cuDNN/TPU convolutions are fast in every direction).
+  'im2col' on CPU (XLA:CPU's kernel-gradient convolution is the bottleneck
+  there), 'xla' elsewhere (cuDNN/TPU convolutions are fast in every direction).
   """
   if impl not in CONV_IMPLS:
     raise ValueError(
@@ -63,7 +64,7 @@ def _lax_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
                  padding: _Pairs, lhs_dilation: tuple[int, ...]) -> jax.Array:
-  """`lax.conv_general_dilated` (NHWC, HWIO) with the fast backward pass below."""
+  """`lax.conv_general_dilated` (NHWC, HWIO) with the fast backward below."""
   return _lax_conv(x, kernel, strides, padding, lhs_dilation)
 
 
@@ -79,7 +80,7 @@ def _im2col_conv_fwd(x, kernel, strides, padding, lhs_dilation):
 def _input_grad(g: jax.Array, kernel: jax.Array, in_spatial: Sequence[int],
                 strides: tuple[int, ...], padding: _Pairs,
                 lhs_dilation: tuple[int, ...]) -> jax.Array:
-  """Transpose of the convolution w.r.t. its input, as another custom convolution.
+  """Transpose w.r.t. the input, itself a custom convolution.
 
   With y[o] = sum_k xpad[o*s + k] w[k] (xpad = x dilated by d, then padded by
   (lo, hi)), the gradient is a correlation of the s-dilated cotangent, padded by
@@ -102,7 +103,7 @@ def _input_grad(g: jax.Array, kernel: jax.Array, in_spatial: Sequence[int],
 def _kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
                  strides: tuple[int, ...], padding: _Pairs,
                  lhs_dilation: tuple[int, ...]) -> jax.Array:
-  """Transpose w.r.t. the kernel: im2col patches (BHW x KH*KW*C) @ g (BHW x O).
+  """Transpose w.r.t. the kernel: patches (BHW x KH*KW*C) @ g (BHW x O).
 
   The patches are strided slices of the padded (and lhs-dilated) input,
   concatenated along channels in (kh, kw, c) order so the product reshapes
@@ -146,7 +147,8 @@ def _explicit_padding(x_spatial: Sequence[int], kernel_spatial: Sequence[int],
                       strides: tuple[int, ...],
                       padding: int | str | Sequence[tuple[int, int]]) -> _Pairs:
   if isinstance(padding, str):
-    pads = lax.padtype_to_pads(x_spatial, kernel_spatial, strides, padding.upper())
+    pads = lax.padtype_to_pads(x_spatial, kernel_spatial, strides,
+                               padding.upper())
   elif isinstance(padding, int):
     pads = [(padding, padding)] * len(kernel_spatial)
   else:
@@ -157,7 +159,7 @@ def _explicit_padding(x_spatial: Sequence[int], kernel_spatial: Sequence[int],
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int | Sequence[int] = 1,
            padding: int | str | Sequence[tuple[int, int]] = 0,
            impl: str = 'auto') -> jax.Array:
-  """Cross-correlation (PyTorch `conv2d` semantics) of NHWC `x` with HWIO `kernel`.
+  """Cross-correlation (PyTorch `conv2d`) of NHWC `x` with HWIO `kernel`.
 
   Args:
     x: (B, H, W, C_in) input.
@@ -180,8 +182,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int | Sequence[int] = 1,
 def torch_uniform_init(fan_in: int) -> nn.initializers.Initializer:
   """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default Conv2d/Linear init.
 
-  kaiming_uniform(a=sqrt(5)) for weights and the matching bias rule both reduce to
-  this bound; the reference's accuracies (and expert trajectories) assume it.
+  kaiming_uniform(a=sqrt(5)) for weights and the matching bias rule both reduce
+  to this bound; the reference's accuracies (and expert trajectories) assume
+  it.
   """
   bound = 1.0 / math.sqrt(fan_in)
 

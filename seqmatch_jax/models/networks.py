@@ -1,30 +1,34 @@
-"""The dataset-distillation literature's "DC benchmark" networks, in flax linen (NHWC).
+"""The dataset-distillation "DC benchmark" networks, in flax linen (NHWC).
 
 ConvNet is the distillation backbone; ResNet18, VGG11 and AlexNet serve the
-cross-architecture evaluation. Layer shapes, paddings and initialisation follow the
-public PyTorch reference (`networks.py` of DatasetCondensation / mtt-distillation) so
-that the published accuracies are comparable. Deliberate differences:
+cross-architecture evaluation. Layer shapes, paddings and initialisation follow
+the public PyTorch reference (`networks.py` of DatasetCondensation and
+mtt-distillation) so that published accuracies stay comparable. Deliberate
+differences:
 
-* Pooling never shrinks a spatial side below 1: a 2x2 pool is skipped along a side of
-  length 1 (the embedded 8x8 'digits' data would otherwise hit empty feature maps;
-  for 28x28, 32x32 and 64x64 inputs nothing changes).
+* Pooling never shrinks a spatial side below 1: a 2x2 pool is skipped along a
+  side of length 1 (the embedded 8x8 'digits' data would otherwise reach empty
+  feature maps; 28x28, 32x32 and 64x64 inputs are unaffected).
 * ResNet18 ends with a global average pool instead of the reference's fixed
-  `avg_pool2d(4)`. Both agree for 28x28 and 32x32 inputs (4x4 final maps); the
-  fixed pool breaks on 8x8 and mis-sizes the classifier on 64x64.
-* VGG11 and AlexNet flatten whatever the final map is (the reference hard-codes the
-  32x32 classifier width, so 64x64 inputs crash there).
-* The extra first-conv padding that makes 28x28 inputs look 32x32 is keyed on the
-  28x28 image size (the reference keys it on one input channel; identical for
+  `avg_pool2d(4)`. Both agree on 28x28 and 32x32 inputs (4x4 final maps); the
+  fixed pool fails on 8x8 and mis-sizes the classifier on 64x64.
+* VGG11 and AlexNet flatten whatever the final map is (the reference hard-codes
+  the 32x32 classifier width, so 64x64 inputs crash there).
+* The extra first-conv padding that makes 28x28 inputs look 32x32 is keyed on
+  the 28x28 size (the reference keys it on one input channel: identical for
   MNIST/FashionMNIST, but 8x8x1 digits should not be padded to 12x12).
 * `norm` applies to every network. The reference's plain AlexNet has no
   normalisation (`norm='none'`) and its AlexNetBN is `norm='batch'`; its VGG11 /
   ResNet18 are `norm='instance'` and VGG11BN / ResNet18BN `norm='batch'`.
-* Flattening is over (H, W, C) rather than PyTorch's (C, H, W): a permutation of the
-  classifier's input rows, irrelevant unless PyTorch weights are imported.
+* BatchNorm's running variance is the biased batch variance (flax); PyTorch
+  tracks the unbiased one. Only eval-mode outputs of BN nets differ, slightly.
+* Flattening is over (H, W, C) rather than PyTorch's (C, H, W): a permutation of
+  the classifier's input rows, irrelevant unless PyTorch weights are imported.
 """
 
 from collections.abc import Callable, Mapping
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -57,7 +61,7 @@ def _normalize(x: jax.Array, norm: str, train: bool, name: str) -> jax.Array:
   'instance' = GroupNorm with one channel per group (the reference's
   `nn.GroupNorm(C, C)`); 'layer' = LayerNorm over (H, W, C) with an element-wise
   affine (the reference's `nn.LayerNorm([C, H, W])`); 'batch' = BatchNorm whose
-  running averages move by 0.1 per step (torch momentum 0.1 == flax momentum 0.9).
+  running averages move by 0.1 per step (torch momentum 0.1 == flax 0.9).
   Variances are computed in two passes (stable for large activations).
   """
   if norm == 'instance':
@@ -75,7 +79,7 @@ def _normalize(x: jax.Array, norm: str, train: bool, name: str) -> jax.Array:
 
 
 class InstanceNorm(nn.Module):
-  """Per-sample, per-channel normalisation over (H, W) with a per-channel affine.
+  """Per-sample, per-channel normalisation over (H, W), per-channel affine.
 
   Equal to `nn.GroupNorm(group_size=1)` (and PyTorch's `GroupNorm(C, C)`), but
   reduces straight over the spatial axes: no group reshape, which made flax's
@@ -97,7 +101,7 @@ class InstanceNorm(nn.Module):
 
 
 def _pool2x2(x: jax.Array, reduce: Callable[..., jax.Array]) -> jax.Array:
-  """2x2 / stride-2 pooling with floor semantics, skipped along sides of length 1.
+  """2x2 / stride-2 pooling (floor semantics), skipped along sides of length 1.
 
   Written as crop + reshape + reduce rather than `lax.reduce_window`: identical
   values, and its derivatives (to any order) are plain reshapes and broadcasts.
@@ -121,7 +125,7 @@ def max_pool2x2(x: jax.Array) -> jax.Array:
 
 
 def _first_padding(x: jax.Array, default: int, padded: int) -> int:
-  """The reference treats 28x28 inputs as 32x32 by padding the first conv more."""
+  """The reference makes 28x28 inputs look 32x32 via first-conv padding."""
   return padded if tuple(x.shape[1:3]) == (28, 28) else default
 
 
@@ -130,7 +134,7 @@ def _flatten(x: jax.Array) -> jax.Array:
 
 
 class ConvNet(nn.Module):
-  """ConvNet-D: D x [conv3x3 -> norm -> ReLU -> avgpool2x2], then one linear layer."""
+  """ConvNet-D: D x [conv3x3 -> norm -> ReLU -> avgpool2x2], then a linear."""
   num_classes: int
   width: int = 128
   depth: int = 3
@@ -221,7 +225,7 @@ class VGG11(nn.Module):
 
 
 class AlexNet(nn.Module):
-  """The DC-benchmark AlexNet: 5 convs (5x5, 5x5, 3x3 x3), 3 max-pools, one linear."""
+  """DC-benchmark AlexNet: 5 convs (5x5, 5x5, 3x3 x3), 3 max-pools, a linear."""
   num_classes: int
   norm: str = 'none'
   conv_impl: str = 'auto'
@@ -240,6 +244,15 @@ class AlexNet(nn.Module):
     return Dense(self.num_classes, name='classifier')(_flatten(x))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _jitted_init(module: nn.Module, key: jax.Array,
+                 image_shape: tuple[int, int, int]) -> dict[str, Any]:
+  # Jitted once per (module, shape): eager flax init dispatches op by op, which
+  # is seconds for ResNet18/VGG11 on CPU.
+  return module.init(key, jnp.zeros((1, *image_shape), jnp.float32),
+                     train=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class Network:
   """A flax module behind a functional (params, state) interface.
@@ -255,13 +268,12 @@ class Network:
 
   @property
   def has_state(self) -> bool:
-    """Whether `apply(..., train=True)` updates state (the net has BatchNorm)."""
+    """Whether `apply(..., train=True)` updates state (the net has BN)."""
     return getattr(self.module, 'norm', 'none') == 'batch'
 
   def init(self, key: jax.Array) -> tuple[Params, State]:
     """Initialises from `key` (deterministic in it); jit-able."""
-    dummy = jnp.zeros((1, *self.image_shape), jnp.float32)
-    variables = dict(self.module.init(key, dummy, train=False))
+    variables = dict(_jitted_init(self.module, key, self.image_shape))
     params = variables.pop('params')
     return params, variables
 
