@@ -132,9 +132,15 @@ def evaluate_synthetic(images, labels, lr, config: ml_collections.ConfigDict,
 
 
 def network_for(config, name: str, num_classes: int, image_shape) -> Network:
+  """The distillation model itself, or a cross-architecture one. AlexNet is
+  evaluated without normalisation, as in the literature's cross-architecture
+  tables (its BatchNorm variant is model.norm=batch with model.name=alexnet)."""
+  norm = config.model.norm
+  if name == 'alexnet' and config.model.name != 'alexnet':
+    norm = 'none'
   return create_network(name, num_classes, tuple(image_shape),
                         width=config.model.width, depth=config.model.depth,
-                        norm=config.model.norm, conv_impl=config.model.conv_impl)
+                        norm=norm, conv_impl=config.model.conv_impl)
 
 
 def random_real(x_train, y_train, ipc: int, num_classes: int, seed: int):
