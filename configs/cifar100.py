@@ -2,7 +2,7 @@
 
 Variants: configs/cifar100.py:ipc=1|10|50 and `k=N` (k=1: plain MTT).
 """
-from configs import common
+from seqmatch_jax import config_lib as common
 
 TABLES = {
     1: {'distill.syn_steps': 20, 'distill.expert_epochs': 3,

@@ -4,7 +4,7 @@ comparison, evaluation with baselines) finishes in minutes on a 2-core CPU.
 
 Variants: configs/digits.py:ipc=N,k=N.
 """
-from configs import common
+from seqmatch_jax import config_lib as common
 
 BASE = {
     'model.width': 64, 'model.depth': 2,  # 8 -> 4 -> 2: no instance norm on 2x2

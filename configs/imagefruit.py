@@ -3,7 +3,7 @@
 K 2, N 20, M 2, batch_syn 20, lr_img 1e5, lr_lr 1e-6, lr_teacher 0.01; ImageFruit's T+ is {10,10} (Table 4 footnote).
 Variants: ipc=N, k=N (k=1: plain MTT).
 """
-from configs import common
+from seqmatch_jax import config_lib as common
 
 BASE = {'model.depth': 5}
 TABLES = {

@@ -3,7 +3,7 @@ the MTT/SeqMatch CIFAR-10 settings (N 30, M 2, lr_img 100, lr_lr 1e-5,
 lr_teacher 0.01; K 2 at ipc 10 with T+ {20,10}, K 3 at ipc 50), no ZCA.
 Variants: ipc=1|10|50, k=N.
 """
-from configs import common
+from seqmatch_jax import config_lib as common
 
 TABLES = {
     1: {'distill.syn_steps': 50, 'distill.expert_epochs': 2,

@@ -2,7 +2,7 @@
 
 ConvNetD4 at 64x64. Variants: ipc=1|10|50, k=N.
 """
-from configs import common
+from seqmatch_jax import config_lib as common
 
 BASE = {'model.depth': 4}
 TABLES = {

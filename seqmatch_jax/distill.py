@@ -166,7 +166,7 @@ def _checkpoint_manager(path: str) -> ocp.CheckpointManager:
 def restore_or_init(path: str, fresh: DistillState) -> tuple[DistillState, ocp.CheckpointManager]:
   """Latest checkpoint under `path` if any (a damaged one is an error: it is
   never silently replaced by a fresh start that would lose work)."""
-  mgr = _checkpoint_manager(path)
+  mgr = _checkpoint_manager(os.path.abspath(path))
   step = mgr.latest_step()
   if step is None:
     return fresh, mgr

@@ -82,7 +82,8 @@ def _compiled_runner(network: Network, protocol: Protocol, num_stages: int,
           lrs[k], protocol.epochs)
       accs.append(training.predict_accuracy(network, params, state, x_eval, y_eval))
     return jnp.stack(accs)
-  return parallel.map_models(run, 2, protocol.parallel, mesh)
+  return parallel.map_models(run, 2, protocol.parallel, mesh,
+                             progress=f'evaluating ({protocol.epochs} epochs/model)')
 
 
 def train_and_score(network: Network, protocol: Protocol, keys: jax.Array,

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import tqdm
 
 from seqmatch_jax import parallel
 from seqmatch_jax import training
@@ -196,7 +197,7 @@ def train_experts(network: Network, spec: ExpertSpec, path: str,
                   init_fn: InitFn | None = None,
                   expert_ids: Sequence[int] | None = None,
                   should_stop: Callable[[], bool] = lambda: False,
-                  writer=None, mesh=None) -> TrajectoryStore:
+                  writer=None, mesh=None, progress: bool = True) -> TrajectoryStore:
   """Trains (or finishes training) `spec.num` experts, saving every epoch.
 
   Args:
@@ -209,6 +210,7 @@ def train_experts(network: Network, spec: ExpertSpec, path: str,
   Returns:
     The store over `path`.
   """
+  path = os.path.abspath(path)
   os.makedirs(path, exist_ok=True)
   metadata = dict(metadata, format=FORMAT_VERSION, epochs=spec.epochs,
                   num_experts=spec.num, lr=spec.lr, momentum=spec.momentum,
@@ -229,6 +231,9 @@ def train_experts(network: Network, spec: ExpertSpec, path: str,
   acc_fn = jax.jit(lambda p, s: training.predict_accuracy(
       network, p, s, test_images, test_labels))
   lr = jnp.float32(spec.lr)
+  bar = tqdm.tqdm(total=len(ids) * spec.epochs, disable=not progress or not todo,
+                  initial=sum(max(store.complete_epochs(i), 0) for i in ids),
+                  desc='expert epochs', dynamic_ncols=True)
 
   for g0 in range(0, len(todo), group):
     members = todo[g0:g0 + group]
@@ -236,6 +241,7 @@ def train_experts(network: Network, spec: ExpertSpec, path: str,
         store, members, network, sgd, key, init_fn, keep_opt)
     while epoch < spec.epochs:
       if should_stop():
+        bar.close()
         return store
       t0 = time.time()
       keys = jnp.stack([jax.random.fold_in(_train_key(key, i), epoch) for i in members])
@@ -254,6 +260,9 @@ def train_experts(network: Network, spec: ExpertSpec, path: str,
       if writer is not None:
         for j, i in enumerate(members):
           writer.add_scalar(f'experts/test_acc/{i}', accs[j], epoch)
+      bar.update(len(members))
+      bar.set_postfix(test_acc=f'{np.mean(accs):.3f}')
+  bar.close()
   return store
 
 

@@ -14,6 +14,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from seqmatch_jax.errors import ConfigError
@@ -71,14 +72,15 @@ def resolve_model_parallel(mode: str) -> str:
 
 
 def map_models(fn: Callable, num_mapped: int, mode: str,
-               mesh: Mesh | None = None) -> Callable:
+               mesh: Mesh | None = None, progress: str = '') -> Callable:
   """Maps jitted `fn` over the leading (model) axis of its first `num_mapped`
   arguments; the remaining arguments are shared by every model.
 
   'vmap' batches the models in one program and, on a mesh of several devices,
   shards them over `data` (padding the count to a multiple of the devices);
   'sequential' runs one compiled single-model program per model. Both give the
-  same numbers for the same per-model inputs.
+  same numbers for the same per-model inputs. With `progress` (a label), the
+  one-by-one mode shows a bar over models on process 0.
   """
   mode = resolve_model_parallel(mode)
   if mode == 'sequential':
@@ -87,8 +89,11 @@ def map_models(fn: Callable, num_mapped: int, mode: str,
     def in_turn(*args):
       mapped, shared = args[:num_mapped], args[num_mapped:]
       n = jax.tree.leaves(mapped)[0].shape[0]
-      outs = [one(*jax.tree.map(lambda a, i=i: a[i], mapped), *shared)
-              for i in range(n)]
+      models = range(n)
+      if progress and n > 1 and is_main_process():
+        models = tqdm.tqdm(models, desc=progress, leave=False, dynamic_ncols=True)
+      outs = [jax.block_until_ready(
+          one(*jax.tree.map(lambda a, i=i: a[i], mapped), *shared)) for i in models]
       return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
     return in_turn
 

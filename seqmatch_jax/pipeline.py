@@ -105,12 +105,14 @@ def expert_metadata(config, data: PreparedData) -> dict:
 
 
 def experts_dir(config, workdir: str) -> str:
-  return config.experts.dir or os.path.join(workdir, 'experts')
+  return os.path.abspath(os.path.expanduser(config.experts.dir or
+                                            os.path.join(workdir, 'experts')))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """Validates, then runs the stages `config.mode` asks for."""
   configuration.validate(config)
+  workdir = os.path.abspath(os.path.expanduser(workdir))  # Orbax needs absolute paths
   parallel.maybe_initialize_distributed(config.parallel.distributed)
   os.makedirs(workdir, exist_ok=True)
   if parallel.is_main_process():

@@ -23,10 +23,10 @@ TINY = ['--config.model.width=8', '--config.model.depth=2', '--config.ipc=2',
         '--config.augment.strategy=flip', '--config.dataset.val_size=50']
 
 
-def _run(*args, timeout=600):
+def _run(*args, timeout=600, cwd=ROOT):
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
   return subprocess.run([sys.executable, '-m', 'seqmatch_jax.main', *args],
-                        cwd=ROOT, env=env, capture_output=True, text=True,
+                        cwd=cwd, env=env, capture_output=True, text=True,
                         timeout=timeout)
 
 
@@ -58,12 +58,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, match):
 
 
 def test_all_modes_end_to_end_with_resume(tmp_path):
+  # From another directory, with a relative workdir, as users type it.
   wd = str(tmp_path / 'run')
-  base = ['--config=configs/digits.py', f'--workdir={wd}', *TINY]
+  base = [f'--config={ROOT}/configs/digits.py', '--workdir=run', *TINY]
   # Interrupt during distillation, then rerun the same command.
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
   proc = subprocess.Popen([sys.executable, '-m', 'seqmatch_jax.main', *base],
-                          cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
   while time.time() < deadline and not os.path.isdir(os.path.join(wd, 'distill')):
@@ -71,7 +72,7 @@ def test_all_modes_end_to_end_with_resume(tmp_path):
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode in (0, 130), err[-3000:]
-  r = _run(*base)
+  r = _run(*base, cwd=tmp_path)
   assert r.returncode == 0, r.stderr[-3000:]
   with np.load(os.path.join(wd, 'synthetic.npz')) as f:
     assert f['images'].shape == (20, 8, 8, 1) and f['lr'].shape == (2,)

@@ -1,4 +1,6 @@
-"""Shared defaults for every config, and the `name=value` variant-argument parser.
+"""Shared defaults for every config file in configs/, and the `name=value`
+variant-argument parser. It lives in the package so that config files work from
+any working directory.
 
 A config file's `get_config(arg)` starts from `base_config()`, sets the dataset's
 reference hyperparameters, and applies variant arguments such as
