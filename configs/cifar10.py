@@ -2,7 +2,7 @@
 
 Variants: configs/cifar10.py:ipc=1|10|50 and `k=N` (k=1: plain MTT).
 """
-from seqmatch_jax import config_lib as common
+from seqmatch_jax import config_lib
 
 TABLES = {
     # MTT: N 50, M 2, T+ 2, lr_img 100, lr_lr 1e-7, lr_teacher 0.01, ZCA.
@@ -27,4 +27,4 @@ TABLES = {
 
 
 def get_config(arg=None):
-  return common.table_config('cifar10', arg, TABLES)
+  return config_lib.table_config('cifar10', arg, TABLES)

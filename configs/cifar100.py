@@ -2,7 +2,7 @@
 
 Variants: configs/cifar100.py:ipc=1|10|50 and `k=N` (k=1: plain MTT).
 """
-from seqmatch_jax import config_lib as common
+from seqmatch_jax import config_lib
 
 TABLES = {
     1: {'distill.syn_steps': 20, 'distill.expert_epochs': 3,
@@ -24,4 +24,4 @@ TABLES = {
 
 
 def get_config(arg=None):
-  return common.table_config('cifar100', arg, TABLES)
+  return config_lib.table_config('cifar100', arg, TABLES)

@@ -4,7 +4,7 @@ comparison, evaluation with baselines) finishes in minutes on a 2-core CPU.
 
 Variants: configs/digits.py:ipc=N,k=N.
 """
-from seqmatch_jax import config_lib as common
+from seqmatch_jax import config_lib
 
 BASE = {
     'model.width': 64, 'model.depth': 2,  # 8 -> 4 -> 2: no instance norm on 2x2
@@ -38,4 +38,4 @@ TABLES = {
 
 
 def get_config(arg=None):
-  return common.table_config('digits', arg, TABLES, BASE)
+  return config_lib.table_config('digits', arg, TABLES, BASE)

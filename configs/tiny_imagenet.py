@@ -2,7 +2,7 @@
 
 ConvNetD4 at 64x64. Variants: ipc=1|10|50, k=N.
 """
-from seqmatch_jax import config_lib as common
+from seqmatch_jax import config_lib
 
 BASE = {'model.depth': 4}
 TABLES = {
@@ -17,7 +17,7 @@ TABLES = {
          'distill.batch_syn': 100, 'seqmatch.num_subsets': 2,
          'seqmatch.max_start_epoch': (20, 10)},
     # MTT ipc 50 (batch_syn 300); K 3 as the paper's ipc-50 rule.
-    50: {'distill.syn_steps': 20, 'distill.expert_epochs': 2,
+    50: {'experts.staged_epochs': 50, 'distill.syn_steps': 20, 'distill.expert_epochs': 2,
          'distill.max_start_epoch': 40, 'distill.lr_img': 1e4,
          'distill.lr_lr': 1e-4, 'distill.lr_teacher': 0.01,
          'distill.batch_syn': 300, 'seqmatch.num_subsets': 3},
@@ -25,4 +25,4 @@ TABLES = {
 
 
 def get_config(arg=None):
-  return common.table_config('tiny_imagenet', arg, TABLES, BASE)
+  return config_lib.table_config('tiny_imagenet', arg, TABLES, BASE)
