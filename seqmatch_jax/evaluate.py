@@ -63,6 +63,25 @@ def stage_sets(images, labels, subset) -> list[tuple[jax.Array, jax.Array]]:
   return out
 
 
+def train_stages(network: Network, protocol: Protocol, key: jax.Array,
+                 lrs: jax.Array, stages, x_eval=None, y_eval=None):
+  """A fresh network trained on stages[0], then stages[1], ... (SeqMatch's
+  staged protocol; one stage = plain evaluation), carrying its weights.
+
+  Returns (params, state, accuracies on (x_eval, y_eval) after each stage).
+  """
+  sgd = protocol.sgd()
+  params, state = network.init(jax.random.fold_in(key, 0))
+  accs = []
+  for k, (x, y) in enumerate(stages):
+    params, state = training.train_schedule(
+        network, sgd, params, state, x, y, jax.random.fold_in(key, k + 1), lrs[k],
+        protocol.epochs)
+    if x_eval is not None:
+      accs.append(training.predict_accuracy(network, params, state, x_eval, y_eval))
+  return params, state, accs
+
+
 @functools.lru_cache(maxsize=32)
 def _compiled_runner(network: Network, protocol: Protocol, num_stages: int,
                      mesh=None):
@@ -70,18 +89,9 @@ def _compiled_runner(network: Network, protocol: Protocol, num_stages: int,
 
   Cached so the evaluations inside a distillation run compile once.
   """
-  sgd = protocol.sgd()
-
   def run(key, lrs, stages, x_eval, y_eval):
-    params, state = network.init(jax.random.fold_in(key, 0))
-    accs = []
-    for k in range(num_stages):
-      x, y = stages[k]
-      params, state = training.train_schedule(
-          network, sgd, params, state, x, y, jax.random.fold_in(key, k + 1),
-          lrs[k], protocol.epochs)
-      accs.append(training.predict_accuracy(network, params, state, x_eval, y_eval))
-    return jnp.stack(accs)
+    return jnp.stack(train_stages(network, protocol, key, lrs, stages, x_eval,
+                                  y_eval)[2])
   return parallel.map_models(run, 2, protocol.parallel, mesh,
                              progress=f'evaluating ({protocol.epochs} epochs/model)')
 

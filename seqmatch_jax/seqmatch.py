@@ -24,7 +24,6 @@ import numpy as np
 from seqmatch_jax import distill as distill_lib
 from seqmatch_jax import evaluate as evaluate_lib
 from seqmatch_jax import experts as experts_lib
-from seqmatch_jax import training
 from seqmatch_jax.errors import ConfigError
 from seqmatch_jax.models import Network
 
@@ -121,20 +120,10 @@ def initial_images(key: jax.Array, x_train, y_train, sizes: list[int],
 
 
 @functools.lru_cache(maxsize=8)
-def _staged_trainer(network: Network, protocol: evaluate_lib.Protocol,
-                    num_stages: int):
+def _staged_trainer(network: Network, protocol: evaluate_lib.Protocol):
   """Jitted (key, lrs, stages) -> (params, state) after training in stages."""
-  sgd = protocol.sgd()
-
-  def run(key, lrs, stages):
-    params, state = network.init(jax.random.fold_in(key, 0))
-    for k in range(num_stages):
-      x, y = stages[k]
-      params, state = training.train_schedule(
-          network, sgd, params, state, x, y, jax.random.fold_in(key, k + 1),
-          lrs[k], protocol.epochs)
-    return params, state
-  return jax.jit(run)
+  return jax.jit(lambda key, lrs, stages: evaluate_lib.train_stages(
+      network, protocol, key, lrs, stages)[:2])
 
 
 def staged_init_fn(network: Network, protocol: evaluate_lib.Protocol,
@@ -143,7 +132,7 @@ def staged_init_fn(network: Network, protocol: evaluate_lib.Protocol,
   """Starting weights of subset k's experts: a fresh network trained on S_1,
   then S_1 ∪ S_2, ... S_1..S_{k-1} with the evaluation protocol and each
   stage's learned lr (the staged evaluation, carried into the experts)."""
-  trainer = _staged_trainer(network, protocol, len(stages))
+  trainer = _staged_trainer(network, protocol)
   lrs = jnp.asarray(lrs, jnp.float32)
   return lambda i, key: trainer(key, lrs, tuple(stages))
 
