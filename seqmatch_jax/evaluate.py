@@ -14,10 +14,8 @@ import dataclasses
 import functools
 import json
 import os
-import time
 from typing import Any, Sequence
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections

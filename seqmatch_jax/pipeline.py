@@ -29,7 +29,6 @@ from seqmatch_jax import parallel
 from seqmatch_jax import seqmatch
 from seqmatch_jax import visualize
 from seqmatch_jax.distill import Interrupted
-from seqmatch_jax.errors import UserError
 from seqmatch_jax.models import create_network
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seqmatch_jax import distill, evaluate, experts, matching, parallel, training
+from seqmatch_jax import distill, evaluate, experts, matching, parallel
 from tests import helpers
 
 needs4 = pytest.mark.skipif(jax.device_count() < 4, reason='needs 4 devices')
