@@ -190,7 +190,7 @@ def distill_subset(*, network: Network, plan: SubsetPlan, store: TrajectoryStore
                    trajectories_per_step: int = 1, mesh=None,
                    should_stop: Callable[[], bool] = lambda: False,
                    writer=None, on_eval: Callable | None = None,
-                   progress: bool = True) -> DistillState:
+                   progress: bool = True, log_name: str = 'distill') -> DistillState:
   """Runs (or resumes) the distillation of one subset; returns the final state.
 
   Args:
@@ -199,6 +199,7 @@ def distill_subset(*, network: Network, plan: SubsetPlan, store: TrajectoryStore
     frozen, frozen_labels: earlier subsets (possibly empty), never updated.
     evaluate_fn: (images of the full set so far, lr, iteration) -> validation
       accuracy; called every `eval_every` iterations to keep the best set.
+    log_name: TensorBoard prefix (runs sharing a writer keep their curves apart).
   """
   experts = store.experts()
   if not experts:
@@ -229,7 +230,7 @@ def distill_subset(*, network: Network, plan: SubsetPlan, store: TrajectoryStore
       mgr.wait_until_finished()
 
   bar = tqdm.tqdm(total=plan.iterations, initial=start, disable=not progress,
-                  desc=f'distill subset {plan.index + 1}', dynamic_ncols=True)
+                  desc=f'{log_name} subset {plan.index + 1}', dynamic_ncols=True)
   last_time = time.time()
   for it in range(start, plan.iterations):
     if should_stop():
@@ -237,7 +238,8 @@ def distill_subset(*, network: Network, plan: SubsetPlan, store: TrajectoryStore
       bar.close()
       raise Interrupted(f'stopped at iteration {it} of subset {plan.index + 1}')
     if evaluate_fn is not None and eval_every and it % eval_every == 0 and it > 0:
-      state = _evaluate(state, evaluate_fn, frozen, writer, it, plan, on_eval)
+      state = _evaluate(state, evaluate_fn, frozen, writer, it, plan, on_eval,
+                        log_name)
     starts, targets, _ = sample_windows(store, experts, plan, seed, it, traj)
     new_state, metrics = step_fn(state, frozen, all_labels, starts, targets)
     loss = float(metrics['loss'])
@@ -253,11 +255,11 @@ def distill_subset(*, network: Network, plan: SubsetPlan, store: TrajectoryStore
     state = new_state
     now = time.time()
     if writer is not None:
-      writer.add_scalar(f'distill/subset{plan.index + 1}/loss', loss, it)
-      writer.add_scalar(f'distill/subset{plan.index + 1}/syn_lr', float(metrics['syn_lr']), it)
-      writer.add_scalar(f'distill/subset{plan.index + 1}/grad_norm_images',
+      writer.add_scalar(f'{log_name}/subset{plan.index + 1}/loss', loss, it)
+      writer.add_scalar(f'{log_name}/subset{plan.index + 1}/syn_lr', float(metrics['syn_lr']), it)
+      writer.add_scalar(f'{log_name}/subset{plan.index + 1}/grad_norm_images',
                         float(metrics['grad_norm_images']), it)
-      writer.add_scalar(f'distill/subset{plan.index + 1}/iters_per_s',
+      writer.add_scalar(f'{log_name}/subset{plan.index + 1}/iters_per_s',
                         1.0 / max(now - last_time, 1e-9), it)
     last_time = now
     bar.set_postfix(loss=f'{loss:.4f}', syn_lr=f'{float(metrics["syn_lr"]):.4g}')
@@ -267,20 +269,20 @@ def distill_subset(*, network: Network, plan: SubsetPlan, store: TrajectoryStore
   bar.close()
   if evaluate_fn is not None and eval_every:
     state = _evaluate(state, evaluate_fn, frozen, writer, plan.iterations, plan,
-                      on_eval)
+                      on_eval, log_name)
   save()
   return state
 
 
 def _evaluate(state: DistillState, evaluate_fn, frozen, writer, it: int,
-              plan: SubsetPlan, on_eval) -> DistillState:
+              plan: SubsetPlan, on_eval, log_name: str) -> DistillState:
   """Scores the current set (all subsets so far) and keeps it if it is the best."""
   score = float(evaluate_fn(jnp.concatenate([frozen, state.images]), state.syn_lr,
                             it))
   logging.info('subset %d iteration %d: validation accuracy %.4f', plan.index + 1,
                it, score)
   if writer is not None:
-    writer.add_scalar(f'distill/subset{plan.index + 1}/val_acc', score, it)
+    writer.add_scalar(f'{log_name}/subset{plan.index + 1}/val_acc', score, it)
   if on_eval is not None:
     on_eval(state, it)
   if score > float(state.best_score):

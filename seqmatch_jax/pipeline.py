@@ -159,13 +159,13 @@ def train_real_experts(config, workdir, data, network, key, stop, writer):
   return store
 
 
-def _context(config, workdir, data, network, key, stop, writer, mesh):
+def _context(config, workdir, data, network, key, stop, writer, mesh, tag=''):
   def on_eval(k, images_model, it):
     if not parallel.is_main_process():
       return
     sizes = [p.ipc for p in seqmatch.subset_schedule(config)][:k + 1]
     labels, _ = seqmatch.subset_layout(sizes, data.num_classes)
-    path = os.path.join(workdir, 'images', f'subset{k + 1}_it{it:06d}.png')
+    path = os.path.join(workdir, tag, 'images', f'subset{k + 1}_it{it:06d}.png')
     os.makedirs(os.path.dirname(path), exist_ok=True)
     visualize.save_grid(path, data.preprocessor.to_pixels(images_model), labels,
                         data.num_classes)
@@ -200,7 +200,7 @@ def distill(config, workdir, data, network, key, stop, writer):
       logging.info('%s exists: distillation done', out)
       continue
     syn = seqmatch.distill_all(_context(cfg, workdir, data, network, key, stop,
-                                        writer, mesh), tag=tag)
+                                        writer, mesh, tag), tag=tag)
     if parallel.is_main_process():
       save_synthetic(out, syn, data, cfg)
       visualize.save_grid(out.replace('.npz', '.png'),

@@ -212,7 +212,7 @@ def distill_all(ctx: Context, tag: str = '') -> SyntheticSet:
         on_eval=(None if ctx.on_eval is None else
                  lambda st, it, k=k, fi=frozen_images: ctx.on_eval(
                      k, np.concatenate([fi, np.asarray(st.images)]), it)),
-        progress=ctx.progress)
+        progress=ctx.progress, log_name=f'distill_{tag}' if tag else 'distill')
     use_best = evaluate_fn is not None and float(state.best_score) >= 0
     images = np.asarray(state.best_images if use_best else state.images)
     lr = float(state.best_lr if use_best else state.syn_lr)
