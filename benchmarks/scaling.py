@@ -1,0 +1,101 @@
+"""Distillation trajectories per second on 1, 2 and 4 devices at fixed work per
+device (one expert trajectory per device per step), through the sharded step.
+
+  python -m benchmarks.scaling --devices=1,2,4
+
+On CPU the devices are forced host devices (XLA_FLAGS) sharing the same cores,
+so this checks the sharded path and its overhead, not real scaling; on a
+multi-GPU machine the same command measures scaling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+
+def measure(args: dict) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+  from seqmatch_jax import distill, parallel
+  from seqmatch_jax.models import create_network
+  from benchmarks import common
+
+  d = args['devices']
+  h, w, c = args['shape']
+  net = create_network('convnet', 10, (h, w, c), width=args['width'],
+                       depth=args['depth'])
+  keys = jax.random.split(jax.random.key(0), d)
+  starts = jax.vmap(lambda k: net.init(k)[0])(keys)
+  targets = jax.tree.map(lambda p: p * 1.01 + 0.001, starts)
+  images = jax.random.normal(jax.random.key(1), (100, h, w, c))
+  labels = jnp.repeat(jnp.arange(10), 10)
+  plan = distill.SubsetPlan(index=0, ipc=10, iterations=1, syn_steps=args['steps'],
+                            expert_epochs=2, max_start_epoch=1, lr_teacher=0.01,
+                            lr_img=100.0, lr_lr=1e-5, batch_syn=0)
+  mesh = parallel.make_mesh(d)
+  step = distill.make_distill_step(net, plan, augment=args['augment'], remat=True,
+                                   batch_syn=100, mesh=mesh if d > 1 else None)
+  state = distill.init_state(images, plan, jax.random.key(2))
+  empty = images[:0]
+  state, m = step(state, empty, labels, starts, targets)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(args['reps']):
+    t0 = time.time()
+    state, m = step(state, empty, labels, starts, targets)
+    jax.block_until_ready(m)
+    times.append(time.time() - t0)
+  med = statistics.median(times)
+  return dict(devices=d, trajectories_per_step=d, s_per_step=round(med, 3),
+              trajectories_per_s=round(d / med, 3),
+              peak_rss_mib=common.self_peak_rss_mib(),
+              backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument('--json')
+  p.add_argument('--devices', default='1,2,4')
+  p.add_argument('--shape', default='28x28x1')
+  p.add_argument('--width', type=int, default=64)
+  p.add_argument('--depth', type=int, default=3)
+  p.add_argument('--steps', type=int, default=10)
+  p.add_argument('--augment', default='color_crop_cutout_flip_scale_rotate')
+  p.add_argument('--reps', type=int, default=5)
+  p.add_argument('--out', default='benchmarks/results/scaling')
+  a = p.parse_args()
+  if a.json:
+    print(json.dumps(measure(json.loads(a.json))))
+    return
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  counts = [int(v) for v in a.devices.split(',')]
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() == 'cpu':  # force host devices in the children
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               f' --xla_force_host_platform_device_count={max(counts)}')
+  rows = []
+  for d in counts:
+    row = common.run_isolated('benchmarks.scaling', dict(
+        devices=d, shape=[int(v) for v in a.shape.split('x')], width=a.width,
+        depth=a.depth, steps=a.steps, augment=a.augment, reps=a.reps))
+    rows.append(row)
+    print(json.dumps(row), file=sys.stderr, flush=True)
+  base = rows[0].get('trajectories_per_s')
+  for r in rows:
+    if base and r.get('trajectories_per_s'):
+      r['speedup'] = round(r['trajectories_per_s'] / base, 2)
+      r['efficiency'] = round(r['speedup'] / (r['devices'] / rows[0]['devices']), 2)
+  cmd = 'python -m benchmarks.scaling ' + ' '.join(sys.argv[1:])
+  print(common.write_outputs(
+      rows, ['devices', 'trajectories_per_step', 's_per_step', 'trajectories_per_s',
+             'speedup', 'efficiency', 'peak_rss_mib', 'backend'],
+      a.out, 'Distillation scaling over devices (fixed work per device)', cmd))
+
+
+if __name__ == '__main__':
+  main()
