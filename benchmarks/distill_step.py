@@ -25,7 +25,8 @@ def measure(args: dict) -> dict:
 
   h, w, c = args['shape']
   net = create_network('convnet', 10, (h, w, c), width=args.get('width', 128),
-                       depth=3, conv_impl=args.get('conv_impl', 'auto'))
+                       depth=3, conv_impl=args.get('conv_impl', 'auto'),
+                       norm=args.get('norm', 'instance'))
   key = jax.random.key(0)
   params, _ = net.init(key)
   target = jax.tree.map(lambda p: p + 0.01, params)
@@ -33,7 +34,8 @@ def measure(args: dict) -> dict:
   labels = jnp.repeat(jnp.arange(10), 10)
   fn = jax.jit(matching.meta_gradient(
       net, num_steps=args['steps'], batch_size=100,
-      augment='color_crop_cutout_flip_scale_rotate', remat=bool(args['remat'])))
+      augment=args.get('augment', 'color_crop_cutout_flip_scale_rotate'),
+      remat=bool(args['remat'])))
   call_args = (images, jnp.float32(0.01), images[:0], labels, params, target,
                jax.random.key(1))
   t0 = time.time()
@@ -53,6 +55,7 @@ def measure(args: dict) -> dict:
   med = statistics.median(times)
   row = dict(shape='x'.join(map(str, args['shape'])), steps=args['steps'],
              remat=int(args['remat']), conv_impl=args.get('conv_impl', 'auto'),
+             norm=args.get('norm', 'instance'), dsa=int(bool(args.get('augment', 1))),
              s_per_iter=round(med, 3), compile_s=round(compile_s, 1),
              gflop_per_iter=round(flops / 1e9, 1),
              gflops_achieved=round(flops / med / 1e9, 1) if flops else None,
@@ -85,6 +88,9 @@ def main():
   p.add_argument('--steps', default='10,20,40,80')
   p.add_argument('--remat', default='1,0')
   p.add_argument('--conv_impl', default='auto')
+  p.add_argument('--norm', default='instance', help='ablation: instance|none|...')
+  p.add_argument('--augment', default='color_crop_cutout_flip_scale_rotate',
+                 help="ablation: '' turns DSA off")
   p.add_argument('--reps', type=int, default=5)
   p.add_argument('--out', default='benchmarks/results/distill_step')
   a = p.parse_args()
@@ -99,14 +105,15 @@ def main():
       for steps in [int(s) for s in a.steps.split(',')]:
         row = common.run_isolated('benchmarks.distill_step', dict(
             shape=[int(v) for v in shape.split('x')], steps=steps, remat=remat,
-            conv_impl=a.conv_impl, reps=a.reps))
+            conv_impl=a.conv_impl, reps=a.reps, norm=a.norm, augment=a.augment))
         if row.get('gflops_achieved'):
           row['frac_matmul'] = round(row['gflops_achieved'] / rate, 3)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
   cmd = 'python -m benchmarks.distill_step ' + ' '.join(sys.argv[1:])
   print(common.write_outputs(
-      rows, ['shape', 'steps', 'remat', 'conv_impl', 's_per_iter', 'compile_s',
+      rows, ['shape', 'steps', 'remat', 'conv_impl', 'norm', 'dsa', 's_per_iter',
+             'compile_s',
              'peak_rss_mib', 'gflop_per_iter', 'gflops_achieved', 'frac_matmul',
              'reps'],
       a.out, f'Distillation iteration (matmul rate {rate:.0f} GFLOP/s)', cmd))

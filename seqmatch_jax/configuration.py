@@ -84,9 +84,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                           f'positive, got {getattr(p, name)}.')
     horizon = config.experts.epochs if p.index == 0 else config.experts.staged_epochs
     which = 'experts.epochs' if p.index == 0 else 'experts.staged_epochs'
-    if p.max_start_epoch + p.expert_epochs > horizon:
+    if p.max_start_epoch - 1 + p.expert_epochs > horizon:  # starts < max_start
       raise ConfigError(
-          f'Subset {p.index + 1}: max_start_epoch {p.max_start_epoch} + '
+          f'Subset {p.index + 1}: the last start epoch {p.max_start_epoch - 1} + '
           f'expert_epochs {p.expert_epochs} exceeds {which}={horizon}; lower them '
           f'or raise {which}.')
   if config.mode == 'evaluate' and config.eval.synthetic:

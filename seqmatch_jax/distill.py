@@ -82,17 +82,20 @@ def init_state(images: jax.Array, plan: SubsetPlan, key: jax.Array) -> DistillSt
       images=images, syn_lr=syn_lr, opt_images=tx_img.init(images),
       opt_lr=tx_lr.init(syn_lr), key=jax.random.key_data(key),
       iteration=jnp.zeros((), jnp.int32), best_score=jnp.full((), -1.0),
-      best_images=images, best_lr=syn_lr)
+      best_images=jnp.copy(images), best_lr=jnp.copy(syn_lr))  # own buffers: the
+  # step donates the state, and one buffer must not be donated twice.
 
 
 def make_distill_step(network: Network, plan: SubsetPlan, *, augment: str,
-                      remat: bool, batch_syn: int, mesh=None) -> Callable:
+                      remat: bool, batch_syn: int, mesh=None,
+                      donate: bool | None = None) -> Callable:
   """Jitted `(state, frozen, labels, starts, targets) -> (state, metrics)`.
 
   `starts`/`targets` hold T expert windows stacked on a leading axis. With a
   mesh of D devices they are split over `data` (T/D per device, run in turn
   with `lax.map`) and the meta-gradients averaged across devices with `pmean`:
-  the result is the mean of T single-trajectory meta-gradients.
+  the result is the mean of T single-trajectory meta-gradients. The state is
+  donated (default: on accelerators, where it saves a copy of the set).
   """
   tx_img, tx_lr = optimizers(plan)
   grad_fn = matching.meta_gradient(network, num_steps=plan.syn_steps,
@@ -137,8 +140,9 @@ def make_distill_step(network: Network, plan: SubsetPlan, *, augment: str,
                    grad_lr=g_lr)
     return new, metrics
 
-  donate = (0,) if jax.default_backend() != 'cpu' else ()
-  return jax.jit(step, donate_argnums=donate)
+  if donate is None:
+    donate = jax.default_backend() != 'cpu'
+  return jax.jit(step, donate_argnums=(0,) if donate else ())
 
 
 def sample_windows(store: TrajectoryStore, experts: list[int], plan: SubsetPlan,
@@ -202,10 +206,13 @@ def distill_subset(*, network: Network, plan: SubsetPlan, store: TrajectoryStore
     log_name: TensorBoard prefix (runs sharing a writer keep their curves apart).
   """
   experts = store.experts()
-  if not experts:
-    raise CheckpointError(f'No complete expert trajectory in {store.path}; '
-                          'run mode=experts first.')
-  if plan.max_start_epoch + plan.expert_epochs > store.epochs:
+  wanted = int(store.metadata.get('num_experts', len(experts)))
+  if len(experts) < wanted:
+    raise CheckpointError(
+        f'Only {len(experts)} of {wanted} expert trajectories in {store.path} are '
+        'complete; rerun mode=experts (or mode=all) to finish them first.')
+  experts = experts[:wanted]  # a fixed list: resumed runs sample the same windows
+  if plan.max_start_epoch - 1 + plan.expert_epochs > store.epochs:
     raise UserError(
         f'Subset {plan.index + 1}: max_start_epoch {plan.max_start_epoch} + '
         f'expert_epochs {plan.expert_epochs} exceeds the experts\' '
@@ -241,6 +248,7 @@ def distill_subset(*, network: Network, plan: SubsetPlan, store: TrajectoryStore
       state = _evaluate(state, evaluate_fn, frozen, writer, it, plan, on_eval,
                         log_name)
     starts, targets, _ = sample_windows(store, experts, plan, seed, it, traj)
+    syn_lr_before = float(state.syn_lr)  # host copy: `state` is donated below
     new_state, metrics = step_fn(state, frozen, all_labels, starts, targets)
     loss = float(metrics['loss'])
     if not np.isfinite(loss):
@@ -249,7 +257,7 @@ def distill_subset(*, network: Network, plan: SubsetPlan, store: TrajectoryStore
       raise Diverged(
           f'Matching loss is {loss} at iteration {it} of subset {plan.index + 1}: '
           f'lr_img ({plan.lr_img}) or the learned syn_lr '
-          f'({float(state.syn_lr):.3g}) is likely too large. Last good checkpoint: '
+          f'({syn_lr_before:.3g}) is likely too large. Last good checkpoint: '
           f'{os.path.join(ckpt_dir, str(last)) if last is not None else "none"} '
           '(left intact).')
     state = new_state
@@ -287,5 +295,6 @@ def _evaluate(state: DistillState, evaluate_fn, frozen, writer, it: int,
     on_eval(state, it)
   if score > float(state.best_score):
     state = state.replace(best_score=jnp.asarray(score, state.best_score.dtype),
-                          best_images=state.images, best_lr=state.syn_lr)
+                          best_images=jnp.copy(state.images),
+                          best_lr=jnp.copy(state.syn_lr))
   return state

@@ -181,7 +181,8 @@ def _check_metadata(path: str, metadata: dict) -> None:
     return
   old = _read_json(meta_path)
   keys = ('dataset', 'image_shape', 'num_classes', 'model', 'zca', 'epochs',
-          'lr', 'momentum', 'batch_size', 'augment', 'start', 'seed')
+          'lr', 'momentum', 'batch_size', 'augment', 'start', 'seed', 'val_size',
+          'stage_lrs', 'stages_crc')
   diff = [k for k in keys if old.get(k) != metadata.get(k)]
   if diff:
     raise CheckpointError(
@@ -285,6 +286,11 @@ def _epoch_fn(network: Network, sgd: training.SGDSpec, group: int, mesh=None):
                                                           labels, lr)
 
 
+def _indexed_leaves(tree) -> dict:
+  """Leaves by index: Orbax restores plain containers, not optax's tuples."""
+  return {f'{i:04d}': np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(tree))}
+
+
 def _snapshot_bytes(store: TrajectoryStore, expert: int, epoch: int) -> int:
   """Total size of a snapshot's files: a cheap check for truncation."""
   root = os.path.join(store.expert_dir(expert), str(epoch))
@@ -312,9 +318,8 @@ def _save_snapshot(store: TrajectoryStore, expert: int, epoch: int, params, stat
   item = {'params': _to_numpy(params)}
   if state:
     item['state'] = _to_numpy(state)
-  if opt_state is not None:  # leaves by index: Orbax restores plain containers
-    item['opt_state'] = {f'{i:04d}': np.asarray(leaf)
-                         for i, leaf in enumerate(jax.tree.leaves(opt_state))}
+  if opt_state is not None:
+    item['opt_state'] = _indexed_leaves(opt_state)
   mgr = store._mgr(expert)
   if epoch in mgr.all_steps():  # a stale, unrecorded attempt from a killed run
     mgr.delete(epoch)
@@ -366,9 +371,11 @@ def _resume_group(store, members, network, sgd, key, init_fn, keep_opt):
   for i, (e, item) in zip(members, found):
     if epoch < 0:
       params, state = init_fn(i, _init_key(key, i))
+      opt = sgd.transform().init(params) if keep_opt else None
       item = {'params': _to_numpy(params), 'state': _to_numpy(state)}
-      _save_snapshot(store, i, 0, params, state,
-                     sgd.transform().init(params) if keep_opt else None)
+      if keep_opt:
+        item['opt_state'] = _indexed_leaves(opt)
+      _save_snapshot(store, i, 0, params, state, opt)
     elif e > epoch:
       item = _to_numpy(store._mgr(i).restore(epoch, args=ocp.args.StandardRestore()))
     items.append(item)

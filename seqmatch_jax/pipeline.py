@@ -29,6 +29,7 @@ from seqmatch_jax import parallel
 from seqmatch_jax import seqmatch
 from seqmatch_jax import visualize
 from seqmatch_jax.distill import Interrupted
+from seqmatch_jax.errors import UserError
 from seqmatch_jax.models import create_network
 
 
@@ -113,6 +114,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   configuration.validate(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))  # Orbax needs absolute paths
   parallel.maybe_initialize_distributed(config.parallel.distributed)
+  if jax.process_count() > 1:
+    raise UserError(
+        f'{jax.process_count()} processes: multi-host runs are not supported yet '
+        '(single host with several devices is); run one process per job, or set '
+        '--config.parallel.distributed=no.')
   os.makedirs(workdir, exist_ok=True)
   if parallel.is_main_process():
     with open(os.path.join(workdir, 'config.json'), 'w') as f:

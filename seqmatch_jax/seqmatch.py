@@ -187,6 +187,12 @@ def distill_all(ctx: Context, tag: str = '') -> SyntheticSet:
     out_path = os.path.join(root, 'subsets', f'subset_{k + 1}.npz')
     if os.path.exists(out_path):
       with np.load(out_path) as f:
+        if (f['images_model'].shape != init[mine].shape or
+            not np.array_equal(f['labels'], labels[mine])):
+          raise ConfigError(
+              f'{out_path} holds a subset of another shape or labelling than '
+              'this config asks for (ipc, num_subsets or subset_ipc changed?); '
+              'use a new workdir or delete the subsets/ and distill/ folders.')
         done_images.append(f['images_model'])
         lrs.append(float(f['lr']))
       logging.info('subset %d already distilled (%s)', k + 1, out_path)
@@ -244,7 +250,8 @@ def _experts_for(ctx: Context, k: int, done_images, labels, subset, lrs,
       batch_size=config.experts.batch_size, augment=config.augment.strategy,
       per_batch=config.experts.per_batch)
   meta = dict(ctx.expert_metadata, start=f'staged on subsets 1..{k}',
-              stage_lrs=[float(v) for v in lrs])
+              stage_lrs=[float(v) for v in lrs[:k]],
+              stages_crc=experts_lib.tree_crc32(done_images))
   path = os.path.join(ctx.workdir, 'experts_staged', f'subset_{k + 1}')
   logging.info('building %d staged experts for subset %d in %s', spec.num, k + 1, path)
   store = experts_lib.train_experts(

@@ -130,3 +130,17 @@ def test_custom_start_and_metadata_mismatch(tmp_path):
 def test_missing_store_is_a_clear_error(tmp_path):
   with pytest.raises(CheckpointError, match='mode=experts'):
     experts.TrajectoryStore(str(tmp_path / 'nothing'))
+
+
+def test_momentum_state_is_saved_and_resumed(tmp_path):
+  spec = experts.ExpertSpec(num=1, epochs=3, lr=0.05, momentum=0.5,
+                            batch_size=256, augment='', per_batch=1)
+  full = _train(tmp_path / 'full', spec)
+  calls = {'n': 0}
+
+  def stop_after_one():
+    calls['n'] += 1
+    return calls['n'] > 1
+  _train(tmp_path / 'part', spec, should_stop=stop_after_one)
+  resumed = _train(tmp_path / 'part', spec)
+  _assert_same(_trajectory(full, 0), _trajectory(resumed, 0))

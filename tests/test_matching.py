@@ -88,3 +88,22 @@ def test_distill_step_traces_once():
     assert np.isfinite(float(metrics['loss']))
   assert step._cache_size() == 1
   assert int(state.iteration) == 3
+
+
+def test_donated_step_survives_best_set_updates():
+  """The state is donated on accelerators; best_* must never alias images."""
+  net, params, target, images, labels = _problem(jax.random.key(6))
+  plan = distill.SubsetPlan(index=0, ipc=2, iterations=3, syn_steps=2,
+                            expert_epochs=1, max_start_epoch=1, lr_teacher=0.01,
+                            lr_img=10.0, lr_lr=1e-5, batch_syn=0)
+  step = distill.make_distill_step(net, plan, augment='', remat=True, batch_syn=4,
+                                   donate=True)
+  stack = lambda t: jax.tree.map(lambda x: x[None], t)
+  state = distill.init_state(jnp.array(images), plan, jax.random.key(0))
+  state, _ = step(state, images[:0], labels, stack(params), stack(target))
+  state = distill._evaluate(state, lambda imgs, lr, it: 0.5, images[:0], None, 1,
+                            plan, None, 'distill')
+  assert float(state.best_score) == 0.5
+  state, metrics = step(state, images[:0], labels, stack(params), stack(target))
+  assert np.isfinite(float(metrics['loss'])) and int(state.iteration) == 2
+  assert np.all(np.isfinite(np.asarray(state.best_images)))
