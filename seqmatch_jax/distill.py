@@ -231,10 +231,14 @@ def distill_subset(*, network: Network, plan: SubsetPlan, store: TrajectoryStore
   if start:
     logging.info('subset %d: resuming at iteration %d', plan.index + 1, start)
 
-  def save():
-    if int(state.iteration) not in mgr.all_steps():
-      mgr.save(int(state.iteration), args=ocp.args.StandardSave(state), force=True)
-      mgr.wait_until_finished()
+  def save(overwrite: bool = False):
+    step = int(state.iteration)
+    if step in mgr.all_steps():
+      if not overwrite:
+        return
+      mgr.delete(step)  # the final evaluation changed best_*: keep it
+    mgr.save(step, args=ocp.args.StandardSave(state), force=True)
+    mgr.wait_until_finished()
 
   bar = tqdm.tqdm(total=plan.iterations, initial=start, disable=not progress,
                   desc=f'{log_name} subset {plan.index + 1}', dynamic_ncols=True)
@@ -278,7 +282,7 @@ def distill_subset(*, network: Network, plan: SubsetPlan, store: TrajectoryStore
   if evaluate_fn is not None and eval_every:
     state = _evaluate(state, evaluate_fn, frozen, writer, plan.iterations, plan,
                       on_eval, log_name)
-  save()
+  save(overwrite=evaluate_fn is not None and bool(eval_every))
   return state
 
 

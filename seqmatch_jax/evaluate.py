@@ -167,6 +167,7 @@ class SyntheticSet:
   lr: np.ndarray | None  # one per subset
   subset: np.ndarray | None
   images_model: np.ndarray | None
+  preprocessing: str | None = None  # tag of the preprocessing images_model used
 
 
 def load_synthetic(path: str, num_classes: int, image_shape) -> SyntheticSet:
@@ -207,9 +208,15 @@ def load_synthetic(path: str, num_classes: int, image_shape) -> SyntheticSet:
     num_subsets = 1 if subset is None else int(subset.max()) + 1
     if lr.shape[0] not in (1, num_subsets) or not np.all(lr > 0):
       raise DataError(f'{path}: lr must be {num_subsets} positive values, got {lr}.')
+  if subset is not None and sorted(set(subset.tolist())) != list(
+      range(int(subset.max()) + 1)):
+    raise DataError(f'{path}: subset ids must be 0..K-1 without gaps, got '
+                    f'{sorted(set(subset.tolist()))}.')
   model = data.get('images_model')
+  tag = data.get('preprocessing')
   return SyntheticSet(images.astype(np.float32), labels.astype(np.int32), lr,
-                      None if subset is None else subset.astype(np.int32), model)
+                      None if subset is None else subset.astype(np.int32), model,
+                      None if tag is None else str(tag))
 
 
 def write_results(workdir: str, results: dict[str, Any]) -> None:

@@ -224,16 +224,27 @@ def save_synthetic(path: str, syn: seqmatch.SyntheticSet, data: PreparedData,
            images_model=np.asarray(syn.images, np.float32),
            labels=syn.labels, subset=syn.subset,
            lr=np.asarray(syn.lrs, np.float32),
-           config=np.asarray(config.to_json_best_effort(sort_keys=True)))
+           config=np.asarray(config.to_json_best_effort(sort_keys=True)),
+           preprocessing=np.asarray(preprocessing_tag(config)))
   os.replace(tmp, path)
 
 
-def _model_space(syn: evaluate_lib.SyntheticSet, data: PreparedData, path: str):
-  """Our own files carry the exact model-space images; others are converted."""
-  if syn.images_model is not None and syn.images_model.shape == syn.images.shape:
+def preprocessing_tag(config) -> str:
+  """What model space means for a saved set: same tag, same preprocessing."""
+  return json.dumps(dict(dataset=config.dataset.name, zca=bool(config.dataset.zca),
+                         val_size=config.dataset.val_size, seed=config.seed),
+                    sort_keys=True)
+
+
+def _model_space(syn: evaluate_lib.SyntheticSet, data: PreparedData, path: str,
+                 config) -> np.ndarray:
+  """The file's exact model-space images when they were made with this config's
+  preprocessing; otherwise its pixels converted with this config's."""
+  if (syn.images_model is not None and syn.images_model.shape == syn.images.shape
+      and syn.preprocessing == preprocessing_tag(config)):
     return syn.images_model
-  logging.info('%s has no images_model: converting pixels with this config\'s '
-               'preprocessing', path)
+  logging.info('%s: converting its pixel images with this config\'s preprocessing',
+               path)
   return np.asarray(data.preprocessor.to_model(syn.images))
 
 
@@ -254,7 +265,7 @@ def evaluate(config, workdir, data: PreparedData, key) -> dict:
   rows: dict[str, dict] = {}
   for name, path in sets:
     syn = evaluate_lib.load_synthetic(path, data.num_classes, data.image_shape)
-    images = _model_space(syn, data, path)
+    images = _model_space(syn, data, path, config)
     lr = syn.lr if syn.lr is not None else np.float32(config.distill.lr_teacher)
     rows[name] = {}
     for arch in config.eval.architectures:

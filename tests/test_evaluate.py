@@ -84,3 +84,11 @@ def test_not_an_npz(tmp_path):
   path.write_text('hello')
   with pytest.raises(DataError, match='not a readable'):
     evaluate.load_synthetic(str(path), 10, (8, 8, 1))
+
+
+def test_subset_ids_with_gaps(tmp_path):
+  path = tmp_path / 'gap.npz'
+  np.savez(path, images=np.zeros((4, 8, 8, 1)), labels=np.arange(4),
+           subset=np.array([0, 0, 2, 2]))
+  with pytest.raises(DataError, match='without gaps'):
+    evaluate.load_synthetic(str(path), 10, (8, 8, 1))
