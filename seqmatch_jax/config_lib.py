@@ -142,11 +142,18 @@ def table_config(dataset: str, arg: str | None, tables: dict[int, dict],
   row = max([r for r in rows if r <= args.ipc] or rows[:1])
   apply_settings(c, tables[row])
   c.ipc = args.ipc
-  if args.k:
+  if args.k == 1:
+    clear_subsets(c)
+  elif args.k:
     c.seqmatch.num_subsets = args.k
-    if args.k == 1:
-      for name in PER_SUBSET:
-        c.seqmatch[name] = ()
+  return c
+
+
+def clear_subsets(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Makes `c` plain MTT in place: one subset, the distill.* scalars."""
+  c.seqmatch.num_subsets = 1
+  for name in PER_SUBSET:
+    c.seqmatch[name] = ()
   return c
 
 

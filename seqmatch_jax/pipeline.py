@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from seqmatch_jax import config_lib
 from seqmatch_jax import configuration
 from seqmatch_jax import data as data_lib
 from seqmatch_jax import evaluate as evaluate_lib
@@ -187,12 +188,7 @@ def _context(config, workdir, data, network, key, stop, writer, mesh, tag=''):
 
 def backbone_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The same run as plain MTT: one subset, the distill.* scalars."""
-  c = ml_collections.ConfigDict(config.to_dict())
-  c.seqmatch.num_subsets = 1
-  for name in ('subset_ipc', 'max_start_epoch', 'syn_steps', 'expert_epochs',
-               'lr_teacher', 'iterations', 'lr_img', 'lr_lr'):
-    c.seqmatch[name] = ()
-  return c
+  return config_lib.clear_subsets(ml_collections.ConfigDict(config.to_dict()))
 
 
 def distill(config, workdir, data, network, key, stop, writer):
