@@ -92,6 +92,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.parallel = ml_collections.ConfigDict()
   c.parallel.distributed = 'auto'  # auto | yes | no: jax.distributed.initialize
   c.parallel.num_devices = 0  # 0 = every device
+  # Explicit multi-process set-up (e.g. several processes on one machine);
+  # empty = JAX's own detection (SLURM, TPU pods) when distributed is auto/yes.
+  c.parallel.coordinator_address = ''  # host:port of process 0
+  c.parallel.num_processes = 0
+  c.parallel.process_id = -1
   return c
 
 

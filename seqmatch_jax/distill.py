@@ -12,6 +12,7 @@ earlier subsets.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any, Callable
@@ -142,23 +143,50 @@ def make_distill_step(network: Network, plan: SubsetPlan, *, augment: str,
 
   if donate is None:
     donate = jax.default_backend() != 'cpu'
-  return jax.jit(step, donate_argnums=(0,) if donate else ())
+  # On a mesh everything the step returns is replicated: the next step (and
+  # Orbax) then sees the same layout as the restored state.
+  out = None if mesh is None else parallel.replicated(mesh)
+  return jax.jit(step, donate_argnums=(0,) if donate else (), out_shardings=out)
 
 
-def sample_windows(store: TrajectoryStore, experts: list[int], plan: SubsetPlan,
-                   seed: int, iteration: int, count: int):
-  """Expert id and start epoch per trajectory: a pure function of (seed, subset,
-  iteration), so a resumed run samples exactly what the uninterrupted one did."""
+def sample_picks(experts: list[int], plan: SubsetPlan, seed: int, iteration: int,
+                 count: int) -> list[tuple[int, int]]:
+  """(expert id, start epoch) per trajectory: a pure function of (seed, subset,
+  iteration, count), so a resumed run, on any number of hosts, samples exactly
+  what the uninterrupted one did."""
   rng = np.random.default_rng([seed, plan.index, iteration])
   picks = []
   for _ in range(count):
     e = int(rng.choice(experts))
     t = int(rng.integers(0, plan.max_start_epoch))
     picks.append((e, t))
-  starts = [store.load(e, t) for e, t in picks]
-  targets = [store.load(e, t + plan.expert_epochs) for e, t in picks]
-  stack = lambda trees: jax.tree.map(lambda *x: np.stack(x), *trees)
-  return stack(starts), stack(targets), picks
+  return picks
+
+
+def load_windows(store: TrajectoryStore, picks: list[tuple[int, int]],
+                 plan: SubsetPlan, mesh=None):
+  """Start and target parameters of `picks`, stacked on a leading axis.
+
+  With a mesh they come back as global arrays split over `data`, and each
+  process reads from disk only the windows its own devices use.
+  """
+  def load(rows):
+    stack = lambda trees: jax.tree.map(lambda *x: np.stack(x), *trees)
+    starts = [store.load(*picks[r]) for r in rows]
+    targets = [store.load(picks[r][0], picks[r][1] + plan.expert_epochs)
+               for r in rows]
+    return stack(starts), stack(targets)
+  if mesh is None:
+    return load(range(len(picks)))
+  return parallel.shard_from_loader(len(picks), mesh, load)
+
+
+def sample_windows(store: TrajectoryStore, experts: list[int], plan: SubsetPlan,
+                   seed: int, iteration: int, count: int, mesh=None):
+  """`count` expert windows for `iteration`: (starts, targets, picks)."""
+  picks = sample_picks(experts, plan, seed, iteration, count)
+  starts, targets = load_windows(store, picks, plan, mesh)
+  return starts, targets, picks
 
 
 def _checkpoint_manager(path: str) -> ocp.CheckpointManager:
@@ -191,7 +219,7 @@ def distill_subset(*, network: Network, plan: SubsetPlan, store: TrajectoryStore
                    ckpt_dir: str, augment: str, remat: bool,
                    checkpoint_every: int, eval_every: int,
                    evaluate_fn: Callable[[jax.Array, jax.Array, int], float] | None,
-                   trajectories_per_step: int = 1, mesh=None,
+                   trajectories_per_step: int = 0, mesh=None,
                    should_stop: Callable[[], bool] = lambda: False,
                    writer=None, on_eval: Callable | None = None,
                    progress: bool = True, log_name: str = 'distill') -> DistillState:
@@ -222,11 +250,14 @@ def distill_subset(*, network: Network, plan: SubsetPlan, store: TrajectoryStore
   if traj % num_devices:
     raise UserError(f'distill.trajectories_per_step={traj} must be a multiple '
                     f'of the {num_devices} devices.')
-  all_labels = jnp.concatenate([frozen_labels, labels])
+  all_labels = parallel.replicate(jnp.concatenate([frozen_labels, labels]), mesh)
+  frozen = parallel.replicate(frozen, mesh)
   batch_syn = plan.batch_syn or int(labels.shape[0])
   step_fn = make_distill_step(network, plan, augment=augment, remat=remat,
                               batch_syn=batch_syn, mesh=mesh)
-  state, mgr = restore_or_init(ckpt_dir, init_state(init_images, plan, key))
+  fresh = parallel.replicate(init_state(init_images, plan, key), mesh)
+  state, mgr = restore_or_init(ckpt_dir, fresh)
+  _check_run_record(ckpt_dir, traj, num_devices, resumed=int(state.iteration) > 0)
   start = int(state.iteration)
   if start:
     logging.info('subset %d: resuming at iteration %d', plan.index + 1, start)
@@ -244,14 +275,14 @@ def distill_subset(*, network: Network, plan: SubsetPlan, store: TrajectoryStore
                   desc=f'{log_name} subset {plan.index + 1}', dynamic_ncols=True)
   last_time = time.time()
   for it in range(start, plan.iterations):
-    if should_stop():
+    if parallel.any_process(should_stop()):  # every host stops at the same step
       save()
       bar.close()
       raise Interrupted(f'stopped at iteration {it} of subset {plan.index + 1}')
     if evaluate_fn is not None and eval_every and it % eval_every == 0 and it > 0:
       state = _evaluate(state, evaluate_fn, frozen, writer, it, plan, on_eval,
-                        log_name)
-    starts, targets, _ = sample_windows(store, experts, plan, seed, it, traj)
+                        log_name, mesh)
+    starts, targets, _ = sample_windows(store, experts, plan, seed, it, traj, mesh)
     syn_lr_before = float(state.syn_lr)  # host copy: `state` is donated below
     new_state, metrics = step_fn(state, frozen, all_labels, starts, targets)
     loss = float(metrics['loss'])
@@ -281,16 +312,53 @@ def distill_subset(*, network: Network, plan: SubsetPlan, store: TrajectoryStore
   bar.close()
   if evaluate_fn is not None and eval_every:
     state = _evaluate(state, evaluate_fn, frozen, writer, plan.iterations, plan,
-                      on_eval, log_name)
+                      on_eval, log_name, mesh)
   save(overwrite=evaluate_fn is not None and bool(eval_every))
   return state
 
 
+def _check_run_record(ckpt_dir: str, traj: int, num_devices: int,
+                      resumed: bool) -> None:
+  """Records the trajectories per step of a run; a resumed run must keep it.
+
+  The number of devices (hosts x devices per host) may change between a run
+  and its resumption: the synthetic state is replicated and the windows are a
+  function of (seed, subset, iteration, trajectories per step). What may not
+  change is that count itself, since it is the effective batch of the
+  meta-gradient; with its default (one per device) a new device count would
+  silently change it.
+  """
+  path = os.path.join(ckpt_dir, 'run.json')
+  if resumed and os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    if int(old['trajectories_per_step']) != traj:
+      hint = (f'set --config.distill.trajectories_per_step={old["trajectories_per_step"]}'
+              if old['trajectories_per_step'] % num_devices == 0 else
+              f'run on a device count that divides {old["trajectories_per_step"]}')
+      raise UserError(
+          f'{ckpt_dir} was distilled with {old["trajectories_per_step"]} '
+          f'trajectories per step ({old["devices"]} devices); this run would use '
+          f'{traj} ({num_devices} devices), which changes the meta-gradient. To '
+          f'continue the same run, {hint}; or start a new workdir.')
+    return
+  if parallel.is_main_process():
+    os.makedirs(ckpt_dir, exist_ok=True)
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(dict(trajectories_per_step=traj, devices=num_devices), f)
+    os.replace(tmp, path)
+
+
 def _evaluate(state: DistillState, evaluate_fn, frozen, writer, it: int,
-              plan: SubsetPlan, on_eval, log_name: str) -> DistillState:
-  """Scores the current set (all subsets so far) and keeps it if it is the best."""
-  score = float(evaluate_fn(jnp.concatenate([frozen, state.images]), state.syn_lr,
-                            it))
+              plan: SubsetPlan, on_eval, log_name: str, mesh=None) -> DistillState:
+  """Scores the current set (all subsets so far) and keeps it if it is the best.
+
+  Every process computes the same score (the evaluation gathers its models'
+  accuracies from all hosts), so all keep the same best set.
+  """
+  images = np.concatenate([parallel.fetch(frozen), parallel.fetch(state.images)])
+  score = float(evaluate_fn(images, parallel.fetch(state.syn_lr), it))
   logging.info('subset %d iteration %d: validation accuracy %.4f', plan.index + 1,
                it, score)
   if writer is not None:
@@ -298,7 +366,10 @@ def _evaluate(state: DistillState, evaluate_fn, frozen, writer, it: int,
   if on_eval is not None:
     on_eval(state, it)
   if score > float(state.best_score):
-    state = state.replace(best_score=jnp.asarray(score, state.best_score.dtype),
-                          best_images=jnp.copy(state.images),
-                          best_lr=jnp.copy(state.syn_lr))
+    best = dict(best_score=np.asarray(score, np.float32),
+                best_images=parallel.fetch(state.images),
+                best_lr=parallel.fetch(state.syn_lr))
+    if mesh is None:
+      best = jax.tree.map(jnp.asarray, best)
+    state = state.replace(**parallel.replicate(best, mesh))
   return state

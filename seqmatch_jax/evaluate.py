@@ -100,9 +100,19 @@ def train_and_score(network: Network, protocol: Protocol, keys: jax.Array,
                     mesh=None) -> np.ndarray:
   """Accuracies [num_models, num_stages]; model i uses `keys[i]`. Models run
   one by one or vmapped per `protocol.parallel`, sharded over `mesh` if given."""
-  run = _compiled_runner(network, protocol, len(stages), mesh)
   n = keys.shape[0]
   lrs = jnp.broadcast_to(jnp.asarray(lrs, jnp.float32), (n, len(stages)))
+  if parallel.is_multiprocess():
+    # Each process trains its share of the models on its own devices; the
+    # accuracies are then gathered, so every process returns all of them.
+    share = np.asarray(parallel.process_share(n), np.int32)
+    mesh = parallel.model_mesh()
+    local = np.zeros((0, len(stages)), np.float32)
+    if len(share):
+      run = _compiled_runner(network, protocol, len(stages), mesh)
+      local = np.asarray(run(keys[share], lrs[share], tuple(stages), x_eval, y_eval))
+    return parallel.gather_models(local, n)
+  run = _compiled_runner(network, protocol, len(stages), mesh)
   return np.asarray(run(keys, lrs, tuple(stages), x_eval, y_eval))
 
 

@@ -1,15 +1,24 @@
-"""Expert (teacher) trajectories: train them, store them with Orbax, serve windows.
+"""Expert (teacher) trajectories: train them, store them, serve windows.
 
 Layout of an expert directory:
 
-  metadata.json            what the experts are (dataset, model, schedule, shapes)
-  expert_0003/<epoch>/     one Orbax checkpoint per snapshot (0 = initialisation)
-  expert_0003/progress.json  per snapshot: CRC32 of its arrays, test accuracy, loss
+  metadata.json                what the experts are (dataset, model, schedule)
+  expert_0003/epoch_0012.npz   one snapshot per epoch (0 = initialisation)
+  expert_0003/progress.json    per snapshot: CRC32 of its arrays, file size,
+                               test accuracy, loss
 
-A snapshot counts only once Orbax has committed it *and* progress.json records
-its checksum, so a kill at any moment leaves either a complete snapshot or one
-that is recomputed. Distillation reads two snapshots (t and t+M) per iteration
-through `TrajectoryStore.load`, never whole trajectories.
+A snapshot counts only once its file has been atomically renamed into place
+*and* progress.json records its checksum, so a kill at any moment leaves either
+a complete snapshot or one that is recomputed. Distillation reads two snapshots
+(t and t+M) per trajectory through `TrajectoryStore.load`, never whole
+trajectories.
+
+Why not Orbax here (the distillation state does use it): an expert belongs to
+one process, and Orbax 0.12 cannot write process-local data in a
+multi-process job (its numpy writer writes only on process 0 and its array
+writer refuses fully addressable arrays). A per-snapshot npz is also ~14x
+faster to read than an Orbax restore (0.6 ms vs 8 ms for a digits ConvNet),
+which matters on GPUs where a distillation step reads 2 x T snapshots.
 """
 
 from __future__ import annotations
@@ -17,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 import zlib
 from typing import Any, Callable, Sequence
@@ -26,7 +34,6 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import tqdm
 
 from seqmatch_jax import parallel
@@ -34,7 +41,7 @@ from seqmatch_jax import training
 from seqmatch_jax.errors import CheckpointError
 from seqmatch_jax.models import Network
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: Orbax snapshots (first release)
 InitFn = Callable[[int, jax.Array], tuple[Any, Any]]
 
 
@@ -48,7 +55,7 @@ def tree_crc32(tree: Any) -> int:
 
 def _write_json(path: str, obj: Any) -> None:
   """Atomic JSON write: a kill mid-write never leaves a half file."""
-  tmp = path + '.tmp'
+  tmp = f'{path}.{os.getpid()}.tmp'  # several processes may share the directory
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=1, sort_keys=True)
   os.replace(tmp, path)
@@ -59,10 +66,24 @@ def _read_json(path: str) -> Any:
     return json.load(f)
 
 
-def _manager(path: str) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False,
-                                         create=True)
-  return ocp.CheckpointManager(path, options=options)
+def _flatten(item: dict) -> dict[str, np.ndarray]:
+  """{'params': {...}, ...} -> {'params/conv0/kernel': array, ...}."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(item)[0]:
+    out['/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)] = (
+        np.asarray(leaf))
+  return out
+
+
+def _unflatten(flat: dict[str, np.ndarray]) -> dict:
+  item: dict = {}
+  for name, value in flat.items():
+    node = item
+    *parents, leaf = name.split('/')
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return item
 
 
 def _to_numpy(tree: Any) -> Any:
@@ -91,8 +112,6 @@ class TrajectoryStore:
       raise CheckpointError(f'Corrupt expert metadata {meta_path}: {e}. '
                             'Delete the directory to retrain the experts.') from e
     self.epochs = int(self.metadata['epochs'])
-    self._managers: dict[int, ocp.CheckpointManager] = {}
-    self._abstract = None
 
   def expert_dir(self, expert: int) -> str:
     return os.path.join(self.path, f'expert_{expert:04d}')
@@ -124,29 +143,36 @@ class TrajectoryStore:
           out.append(i)
     return out
 
-  def _mgr(self, expert: int) -> ocp.CheckpointManager:
-    if expert not in self._managers:
-      self._managers[expert] = _manager(self.expert_dir(expert))
-    return self._managers[expert]
+  def snapshot_path(self, expert: int, epoch: int) -> str:
+    return os.path.join(self.expert_dir(expert), f'epoch_{epoch:04d}.npz')
 
-  def load(self, expert: int, epoch: int, with_state: bool = False):
-    """Parameters of `expert` after `epoch` epochs, checked against their CRC."""
+  def read_snapshot(self, expert: int, epoch: int) -> dict:
+    """The raw snapshot {'params', 'state'?, 'opt_state'?}, checked against
+    its recorded CRC."""
     record = self.progress(expert)['snapshots'].get(str(epoch))
     if record is None:
       raise CheckpointError(
           f'Expert {expert} has no recorded snapshot for epoch {epoch} in '
           f'{self.path}; rerun mode=experts to complete it.')
+    path = self.snapshot_path(expert, epoch)
     try:
-      item = self._mgr(expert).restore(epoch, args=ocp.args.StandardRestore())
-    except Exception as e:  # Orbax raises many types for damaged files.
+      with np.load(path, allow_pickle=False) as f:
+        item = _unflatten({k: f[k] for k in f.files})
+    except Exception as e:  # missing, truncated or garbled file
       raise CheckpointError(
-          f'Snapshot {epoch} of expert {expert} in {self.path} is unreadable '
-          f'({type(e).__name__}); rerun mode=experts to recompute it.') from e
-    item = _to_numpy(item)
+          f'Snapshot {epoch} of expert {expert} ({path}) is unreadable '
+          f'({type(e).__name__}); delete that file and rerun mode=experts to '
+          'recompute the expert from there.') from e
     if tree_crc32(item) != record['crc']:
       raise CheckpointError(
-          f'Snapshot {epoch} of expert {expert} in {self.path} fails its '
-          'checksum; rerun mode=experts to recompute it.')
+          f'Snapshot {epoch} of expert {expert} ({path}) fails its checksum; '
+          'delete that file and rerun mode=experts to recompute the expert '
+          'from there.')
+    return item
+
+  def load(self, expert: int, epoch: int, with_state: bool = False):
+    """Parameters of `expert` after `epoch` epochs, checked against their CRC."""
+    item = self.read_snapshot(expert, epoch)
     return (item['params'], item.get('state', {})) if with_state else item['params']
 
   def test_accuracy(self, expert: int) -> dict[int, float]:
@@ -171,7 +197,7 @@ def resolve_per_batch(per_batch: int, num: int) -> int:
     return min(per_batch, num)
   if jax.default_backend() == 'cpu':
     return 1
-  return min(8 * jax.device_count(), num)
+  return min(8 * jax.local_device_count(), num)
 
 
 def _check_metadata(path: str, metadata: dict) -> None:
@@ -180,6 +206,11 @@ def _check_metadata(path: str, metadata: dict) -> None:
   if not os.path.exists(meta_path):
     return
   old = _read_json(meta_path)
+  if old.get('format', 1) != FORMAT_VERSION:
+    raise CheckpointError(
+        f'Expert directory {path} was written in storage format '
+        f'{old.get("format", 1)} (this version reads {FORMAT_VERSION}); delete it '
+        'to retrain the experts, or use another --config.experts.dir.')
   keys = ('dataset', 'image_shape', 'num_classes', 'model', 'zca', 'epochs',
           'lr', 'momentum', 'batch_size', 'augment', 'start', 'seed', 'val_size',
           'stage_lrs', 'stages_crc')
@@ -205,9 +236,11 @@ def train_experts(network: Network, spec: ExpertSpec, path: str,
     init_fn: (expert index, key) -> (params, state) for the starting weights;
       default a fresh `network.init`. SeqMatch passes networks pre-trained on
       the earlier synthetic subsets.
-    expert_ids: train only these (others, e.g. on other hosts, skip).
+    expert_ids: train only these; in a multi-process run each process passes
+      its `parallel.process_share` and the others train the rest.
     should_stop: polled between epochs; when true, returns after saving.
-    mesh: with several devices, a vmapped group is sharded over them.
+    mesh: with several devices, a vmapped group is sharded over them (this
+      process's own devices: `parallel.model_mesh`).
   Returns:
     The store over `path`.
   """
@@ -217,7 +250,9 @@ def train_experts(network: Network, spec: ExpertSpec, path: str,
                   num_experts=spec.num, lr=spec.lr, momentum=spec.momentum,
                   batch_size=spec.batch_size, augment=spec.augment)
   _check_metadata(path, metadata)
-  _write_json(os.path.join(path, 'metadata.json'), metadata)
+  if parallel.is_main_process():
+    _write_json(os.path.join(path, 'metadata.json'), metadata)
+  parallel.barrier(f'expert metadata {path}')
   store = TrajectoryStore(path)
   sgd = training.SGDSpec(batch_size=spec.batch_size, momentum=spec.momentum,
                          augment=spec.augment)
@@ -292,16 +327,13 @@ def _indexed_leaves(tree) -> dict:
 
 
 def _snapshot_bytes(store: TrajectoryStore, expert: int, epoch: int) -> int:
-  """Total size of a snapshot's files: a cheap check for truncation."""
-  root = os.path.join(store.expert_dir(expert), str(epoch))
-  total = 0
-  for dirpath, _, files in os.walk(root):
-    total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
-  return total
+  """Size of a snapshot's file (-1 if missing): a cheap check for truncation."""
+  path = store.snapshot_path(expert, epoch)
+  return os.path.getsize(path) if os.path.exists(path) else -1
 
 
 def _drop_damaged(store: TrajectoryStore, expert: int) -> None:
-  """Forgets every snapshot from the first one whose files changed size (a
+  """Forgets every snapshot from the first one whose file changed size (a
   truncated or missing file) on, so training recomputes them. Costs a `stat`
   per file; the CRC in `load` catches damage that keeps the size."""
   snaps = store.progress(expert)['snapshots']
@@ -320,11 +352,11 @@ def _save_snapshot(store: TrajectoryStore, expert: int, epoch: int, params, stat
     item['state'] = _to_numpy(state)
   if opt_state is not None:
     item['opt_state'] = _indexed_leaves(opt_state)
-  mgr = store._mgr(expert)
-  if epoch in mgr.all_steps():  # a stale, unrecorded attempt from a killed run
-    mgr.delete(epoch)
-  mgr.save(epoch, args=ocp.args.StandardSave(item), force=True)
-  mgr.wait_until_finished()
+  path = store.snapshot_path(expert, epoch)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f'{path}.{os.getpid()}.tmp.npz'
+  np.savez(tmp, **_flatten(item))
+  os.replace(tmp, path)  # a stale file from a killed attempt is replaced whole
   progress = store.progress(expert)
   progress['snapshots'][str(epoch)] = dict(
       crc=tree_crc32(item), bytes=_snapshot_bytes(store, expert, epoch), **stats)
@@ -332,20 +364,17 @@ def _save_snapshot(store: TrajectoryStore, expert: int, epoch: int, params, stat
 
 
 def _restore_valid(store: TrajectoryStore, expert: int, keep_opt: bool):
-  """Latest snapshot that restores and passes its checksum; drops the rest."""
+  """Latest snapshot that reads and passes its checksum; drops the rest."""
   e = store.complete_epochs(expert)
   while e >= 0:
     try:
-      item = store._mgr(expert).restore(e, args=ocp.args.StandardRestore())
-      item = _to_numpy(item)
-      if tree_crc32(item) == store.progress(expert)['snapshots'][str(e)]['crc'] and (
-          not keep_opt or 'opt_state' in item):
+      item = store.read_snapshot(expert, e)
+      if not keep_opt or 'opt_state' in item:
         return e, item
-      logging.warning('expert %d snapshot %d fails its checksum: recomputing',
+      logging.warning('expert %d snapshot %d lacks optimizer state: recomputing',
                       expert, e)
-    except Exception as err:  # damaged files: recompute from the previous one
-      logging.warning('expert %d snapshot %d unreadable (%s): recomputing',
-                      expert, e, type(err).__name__)
+    except CheckpointError as err:  # damaged: recompute from the previous one
+      logging.warning('%s', err)
     _forget_from(store, expert, e)
     e -= 1
   return -1, None
@@ -356,11 +385,10 @@ def _forget_from(store: TrajectoryStore, expert: int, epoch: int) -> None:
   progress['snapshots'] = {k: v for k, v in progress['snapshots'].items()
                            if int(k) < epoch}
   _write_json(os.path.join(store.expert_dir(expert), 'progress.json'), progress)
-  for step in store._mgr(expert).all_steps():
-    if step >= epoch:
-      shutil.rmtree(os.path.join(store.expert_dir(expert), str(step)),
-                    ignore_errors=True)
-  store._managers.pop(expert, None)
+  for name in os.listdir(store.expert_dir(expert)):
+    if name.startswith('epoch_') and name.endswith('.npz') and int(
+        name[6:-4]) >= epoch:
+      os.remove(os.path.join(store.expert_dir(expert), name))
 
 
 def _resume_group(store, members, network, sgd, key, init_fn, keep_opt):
@@ -377,7 +405,7 @@ def _resume_group(store, members, network, sgd, key, init_fn, keep_opt):
         item['opt_state'] = _indexed_leaves(opt)
       _save_snapshot(store, i, 0, params, state, opt)
     elif e > epoch:
-      item = _to_numpy(store._mgr(i).restore(epoch, args=ocp.args.StandardRestore()))
+      item = store.read_snapshot(i, epoch)
     items.append(item)
   epoch = max(epoch, 0)
   params = jax.tree.map(lambda *x: jnp.stack(x), *[it['params'] for it in items])

@@ -8,13 +8,14 @@ shard models over it. On one device everything reduces to plain `jit`.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Any, Callable
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from seqmatch_jax.errors import ConfigError
@@ -22,29 +23,92 @@ from seqmatch_jax.errors import ConfigError
 DATA = 'data'
 
 
-def maybe_initialize_distributed(mode: str) -> None:
-  """`jax.distributed.initialize()` on SLURM/TPU pods ('auto') or when asked."""
+def maybe_initialize_distributed(mode: str, coordinator_address: str = '',
+                                 num_processes: int = 0,
+                                 process_id: int = -1) -> None:
+  """`jax.distributed.initialize()` in a SLURM job or TPU pod ('auto'), or
+  when asked ('yes', or an explicit coordinator address).
+
+  With `coordinator_address` (and `num_processes`, `process_id`) the
+  processes are named explicitly, e.g. two processes on one machine; without
+  it JAX detects the cluster (SLURM, TPU pod, Open MPI, ...). Safe to call
+  twice (a notebook rerunning `pipeline.run`).
+  """
   if mode not in ('auto', 'yes', 'no'):
     raise ConfigError(f"parallel.distributed must be auto|yes|no, got {mode!r}")
   if mode == 'no':
     return
   in_cluster = (int(os.environ.get('SLURM_NTASKS', '1')) > 1 or
                 'TPU_WORKER_HOSTNAMES' in os.environ or
-                'JAX_COORDINATOR_ADDRESS' in os.environ)
-  if mode == 'yes' or in_cluster:
-    jax.distributed.initialize()
-    logging.info('jax.distributed: process %d of %d, %d global devices',
-                 jax.process_index(), jax.process_count(), jax.device_count())
+                bool(coordinator_address))
+  if not (mode == 'yes' or in_cluster) or _distributed_is_initialized():
+    return
+  explicit = {}
+  if coordinator_address:
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise ConfigError(
+          f'parallel.coordinator_address={coordinator_address!r} needs '
+          'parallel.num_processes >= 1 and 0 <= parallel.process_id < '
+          f'num_processes (got {num_processes}, {process_id}).')
+    explicit = dict(coordinator_address=coordinator_address,
+                    num_processes=num_processes, process_id=process_id)
+  try:
+    jax.distributed.initialize(**explicit)
+  except (RuntimeError, ValueError) as e:
+    raise ConfigError(
+        f'jax.distributed.initialize failed ({str(e).splitlines()[0][:200]}). '
+        'Outside a SLURM job or TPU pod set parallel.coordinator_address, '
+        'parallel.num_processes and parallel.process_id, or set '
+        'parallel.distributed=no for a single process.') from e
+  logging.info('jax.distributed: process %d of %d, %d global devices (%d local)',
+               jax.process_index(), jax.process_count(), jax.device_count(),
+               jax.local_device_count())
+
+
+def _distributed_is_initialized() -> bool:
+  try:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    return distributed.global_state.client is not None
+  except (ImportError, AttributeError):
+    return False
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
-  """A 1-D mesh over the first `num_devices` devices (0 = all of them)."""
+  """A 1-D mesh over the first `num_devices` devices (0 = all of them).
+
+  Across several processes the mesh must hold every device: each process
+  drives its own devices and all take part in every step.
+  """
   devices = jax.devices()
   n = len(devices) if num_devices <= 0 else num_devices
   if n > len(devices):
     raise ConfigError(f'parallel.num_devices={n} but only {len(devices)} devices '
                       'are visible; lower it or set 0 for all.')
+  if jax.process_count() > 1 and n != len(devices):
+    raise ConfigError(f'parallel.num_devices={n} with {jax.process_count()} '
+                      f'processes: a multi-process run uses all {len(devices)} '
+                      'devices; set parallel.num_devices=0.')
   return Mesh(np.asarray(devices[:n]), (DATA,))
+
+
+def model_mesh(num_devices: int = 0) -> Mesh:
+  """The mesh for independent models (experts, evaluation networks).
+
+  Each process trains its own share of the models (`process_share`) on its
+  own devices, so across processes this is the local devices only.
+  """
+  if jax.process_count() > 1:
+    return Mesh(np.asarray(jax.local_devices()), (DATA,))
+  return make_mesh(num_devices)
+
+
+def process_share(num: int) -> list[int]:
+  """Indices of `num` independent models this process handles (round robin)."""
+  return list(range(jax.process_index(), num, jax.process_count()))
+
+
+def is_multiprocess() -> bool:
+  return jax.process_count() > 1
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -59,6 +123,88 @@ def sharded(mesh: Mesh) -> NamedSharding:
 def is_main_process() -> bool:
   """Only process 0 writes logs, images and results."""
   return jax.process_index() == 0
+
+
+def replicate(tree: Any, mesh: Mesh | None) -> Any:
+  """Puts identical host values on every device of `mesh` as global arrays.
+
+  Every process must pass the same values (they are, by construction: same
+  config, same seed, same files). Without a mesh, returns `tree` unchanged.
+  """
+  if mesh is None:
+    return tree
+  sharding = replicated(mesh)
+  if not is_multiprocess():
+    return jax.device_put(tree, sharding)
+
+  def one(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(one, tree)
+
+
+def shard_from_loader(num: int, mesh: Mesh, load: Callable[[list[int]], Any]) -> Any:
+  """A global pytree with leading axis `num` split over `data`, built from
+  `load(indices) -> pytree of arrays [len(indices), ...]`.
+
+  Each process calls `load` only for the rows its own devices hold, so a host
+  reads just its share (e.g. of the expert windows of a distillation step).
+  """
+  sharding = sharded(mesh)
+  wanted = sorted({i for index in sharding.addressable_devices_indices_map(
+      (num,)).values() for i in range(num)[index[0]]})
+  loaded = load(wanted)
+  position = {i: j for j, i in enumerate(wanted)}
+
+  def one(leaf):
+    leaf = np.asarray(leaf)
+    shape = (num,) + leaf.shape[1:]
+    return jax.make_array_from_callback(
+        shape, sharding,
+        lambda index: leaf[[position[i] for i in range(num)[index[0]]]])
+  return jax.tree.map(one, loaded)
+
+
+def fetch(x: Any) -> Any:
+  """Host numpy copy of (replicated) arrays, also when other processes hold
+  some of their devices."""
+  def one(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      if not a.is_fully_replicated:
+        raise ValueError('fetch() needs a replicated array across processes')
+      return np.asarray(a.addressable_data(0))
+    return np.asarray(a)
+  return jax.tree.map(one, x)
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process if `flag` is true on any (e.g. a stop signal that
+  reached one host): all hosts then take the same branch."""
+  if not is_multiprocess():
+    return bool(flag)
+  return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+def barrier(name: str) -> None:
+  """Waits for every process (e.g. until process 0 has written a file)."""
+  if is_multiprocess():
+    multihost_utils.sync_global_devices(name)
+
+
+def gather_models(local: np.ndarray, num: int) -> np.ndarray:
+  """Reassembles per-model results computed with `process_share(num)`:
+  `local` [len(share), ...] on each process -> [num, ...] on every process."""
+  if not is_multiprocess():
+    return np.asarray(local)
+  count = jax.process_count()
+  per = -(-num // count)
+  local = np.asarray(local)
+  pad = per - local.shape[0]
+  if pad:
+    filler = np.zeros((pad,) + local.shape[1:], local.dtype)
+    local = np.concatenate([local, filler]) if local.size else filler
+  gathered = np.asarray(multihost_utils.process_allgather(local))  # [P, per, ...]
+  return np.stack([gathered[i % count, i // count] for i in range(num)])
 
 
 def resolve_model_parallel(mode: str) -> str:

@@ -30,7 +30,6 @@ from seqmatch_jax import parallel
 from seqmatch_jax import seqmatch
 from seqmatch_jax import visualize
 from seqmatch_jax.distill import Interrupted
-from seqmatch_jax.errors import UserError
 from seqmatch_jax.models import create_network
 
 
@@ -114,12 +113,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """Validates, then runs the stages `config.mode` asks for."""
   configuration.validate(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))  # Orbax needs absolute paths
-  parallel.maybe_initialize_distributed(config.parallel.distributed)
-  if jax.process_count() > 1:
-    raise UserError(
-        f'{jax.process_count()} processes: multi-host runs are not supported yet '
-        '(single host with several devices is); run one process per job, or set '
-        '--config.parallel.distributed=no.')
+  parallel.maybe_initialize_distributed(
+      config.parallel.distributed, config.parallel.coordinator_address,
+      config.parallel.num_processes, config.parallel.process_id)
   os.makedirs(workdir, exist_ok=True)
   if parallel.is_main_process():
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -156,8 +152,10 @@ def train_real_experts(config, workdir, data, network, key, stop, writer):
   store = experts_lib.train_experts(
       network, spec, path, data.x_train, data.y_train, data.x_test, data.y_test,
       jax.random.fold_in(key, 0), expert_metadata(config, data),
-      should_stop=stop, writer=writer,
-      mesh=parallel.make_mesh(config.parallel.num_devices))
+      expert_ids=parallel.process_share(spec.num), should_stop=stop,
+      writer=writer, mesh=parallel.model_mesh(config.parallel.num_devices),
+      progress=parallel.is_main_process())
+  parallel.barrier(f'experts {path}')  # every host's share is on disk
   if len(store.experts()) < spec.num:
     raise Interrupted('stopped while training experts')
   accs = [store.test_accuracy(i).get(spec.epochs, float('nan')) for i in store.experts()]
@@ -209,6 +207,7 @@ def distill(config, workdir, data, network, key, stop, writer):
                           data.preprocessor.to_pixels(syn.images), syn.labels,
                           data.num_classes)
       logging.info('wrote %s (%d images, lr %s)', out, len(syn.labels), syn.lrs)
+    parallel.barrier(f'synthetic set {out}')
 
 
 def save_synthetic(path: str, syn: seqmatch.SyntheticSet, data: PreparedData,
@@ -246,7 +245,7 @@ def _model_space(syn: evaluate_lib.SyntheticSet, data: PreparedData, path: str,
 
 def evaluate(config, workdir, data: PreparedData, key) -> dict:
   t0 = time.time()
-  mesh = parallel.make_mesh(config.parallel.num_devices)
+  mesh = parallel.model_mesh(config.parallel.num_devices)
   eval_key = jax.random.fold_in(key, 2)
   sets = []
   if config.eval.synthetic:

@@ -24,6 +24,7 @@ import numpy as np
 from seqmatch_jax import distill as distill_lib
 from seqmatch_jax import evaluate as evaluate_lib
 from seqmatch_jax import experts as experts_lib
+from seqmatch_jax import parallel
 from seqmatch_jax.errors import ConfigError
 from seqmatch_jax.models import Network
 
@@ -217,13 +218,15 @@ def distill_all(ctx: Context, tag: str = '') -> SyntheticSet:
         mesh=ctx.mesh, should_stop=ctx.should_stop, writer=ctx.writer,
         on_eval=(None if ctx.on_eval is None else
                  lambda st, it, k=k, fi=frozen_images: ctx.on_eval(
-                     k, np.concatenate([fi, np.asarray(st.images)]), it)),
+                     k, np.concatenate([fi, parallel.fetch(st.images)]), it)),
         progress=ctx.progress, log_name=f'distill_{tag}' if tag else 'distill')
     use_best = evaluate_fn is not None and float(state.best_score) >= 0
-    images = np.asarray(state.best_images if use_best else state.images)
-    lr = float(state.best_lr if use_best else state.syn_lr)
-    _save_npz(out_path, images_model=images, lr=np.float32(lr),
-              labels=labels[mine])
+    images = parallel.fetch(state.best_images if use_best else state.images)
+    lr = float(parallel.fetch(state.best_lr if use_best else state.syn_lr))
+    if parallel.is_main_process():
+      _save_npz(out_path, images_model=images, lr=np.float32(lr),
+                labels=labels[mine])
+    parallel.barrier(f'subset {tag} {k + 1} saved')
     done_images.append(images)
     lrs.append(lr)
   return SyntheticSet(np.concatenate(done_images), labels, subset, lrs)
@@ -258,7 +261,11 @@ def _experts_for(ctx: Context, k: int, done_images, labels, subset, lrs,
       ctx.network, spec, path, ctx.x_train, ctx.y_train, ctx.x_test, ctx.y_test,
       jax.random.fold_in(ctx.key, 200 + k), meta,
       init_fn=staged_init_fn(ctx.network, protocol, stages, lrs[:k]),
-      should_stop=ctx.should_stop, writer=ctx.writer, mesh=ctx.mesh)
+      expert_ids=parallel.process_share(spec.num),
+      should_stop=ctx.should_stop, writer=ctx.writer,
+      mesh=parallel.model_mesh(config.parallel.num_devices),
+      progress=ctx.progress)
+  parallel.barrier(f'staged experts {ctx.workdir} {k + 1}')
   if len(store.experts()) < spec.num:
     raise distill_lib.Interrupted(f'stopped while training staged experts for '
                                   f'subset {k + 1}')

@@ -78,3 +78,29 @@ def test_divergence_stops_with_a_clear_message(store, tmp_path):
   last = str(err.value).split('checkpoint: ')[1].split(' ')[0]
   if last != 'none':
     assert os.path.isdir(last)
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason='needs 4 devices')
+def test_resume_on_another_device_count_keeps_the_trajectory_count(store, tmp_path):
+  """Killed on 4 devices (4 trajectories per step), resumed on 2: refused
+  with the fix named while that would change the count, and equal to the
+  uninterrupted run once the count is kept."""
+  from seqmatch_jax import parallel
+  from seqmatch_jax.errors import UserError
+  plan = _plan(iterations=4)
+  four, two = parallel.make_mesh(4), parallel.make_mesh(2)
+  full, _, _ = _run(store, tmp_path / 'a', plan, mesh=four, checkpoint_every=1)
+  calls = {'n': 0}
+
+  def stop_at_two():
+    calls['n'] += 1
+    return calls['n'] > 2
+  with pytest.raises(distill.Interrupted):
+    _run(store, tmp_path / 'b', plan, mesh=four, should_stop=stop_at_two)
+  with pytest.raises(UserError, match='trajectories_per_step=4'):
+    _run(store, tmp_path / 'b', plan, mesh=two)
+  resumed, _, _ = _run(store, tmp_path / 'b', plan, mesh=two,
+                       trajectories_per_step=4)
+  assert int(resumed.iteration) == 4
+  np.testing.assert_allclose(parallel.fetch(resumed.images),
+                             parallel.fetch(full.images), rtol=1e-5, atol=1e-6)

@@ -1,12 +1,10 @@
 """Expert trajectories: layout, learning, batched == sequential, resume,
 window loads, damaged snapshots."""
 
-import glob
 import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from seqmatch_jax import experts
@@ -88,33 +86,56 @@ def test_window_load_touches_only_requested_snapshots(trained, monkeypatch):
   _, store = trained
   fresh = experts.TrajectoryStore(store.path)
   seen = []
-  original = ocp.CheckpointManager.restore
+  original = np.load
 
-  def spy(self, step, *a, **k):
-    seen.append(step)
-    return original(self, step, *a, **k)
-  monkeypatch.setattr(ocp.CheckpointManager, 'restore', spy)
+  def spy(path, *a, **k):
+    seen.append(os.path.basename(path))
+    return original(path, *a, **k)
+  monkeypatch.setattr(np, 'load', spy)
   fresh.load(1, 1)
   fresh.load(1, 3)
-  assert seen == [1, 3]
+  assert seen == ['epoch_0001.npz', 'epoch_0003.npz']
 
 
-def test_truncated_snapshot_is_detected_and_recomputed(trained, tmp_path):
+@pytest.mark.parametrize('damage', ['truncate', 'flip', 'delete'])
+def test_damaged_snapshot_is_detected_and_recomputed(trained, tmp_path, damage):
   _, store = trained
   import shutil
   copy = tmp_path / 'copy'
   shutil.copytree(store.path, copy)
-  files = [f for f in glob.glob(str(copy / 'expert_0001' / '2' / '**' / '*'),
-                                recursive=True)
-           if os.path.isfile(f) and os.path.getsize(f) > 100]
-  biggest = max(files, key=os.path.getsize)
-  with open(biggest, 'r+b') as f:
-    f.truncate(os.path.getsize(biggest) // 2)
+  snap = copy / 'expert_0001' / 'epoch_0002.npz'
+  if damage == 'truncate':
+    with open(snap, 'r+b') as f:
+      f.truncate(os.path.getsize(snap) // 2)
+  elif damage == 'flip':  # same size, different bytes: only the CRC sees it
+    raw = bytearray(snap.read_bytes())
+    with np.load(snap) as f:
+      first = f[f.files[0]]
+    at = bytes(raw).index(first.tobytes()[:8])
+    raw[at] ^= 0xFF
+    snap.write_bytes(bytes(raw))
+  else:
+    snap.unlink()
   damaged = experts.TrajectoryStore(str(copy))
-  with pytest.raises(CheckpointError):
+  with pytest.raises(CheckpointError, match='expert 1') as err:
     damaged.load(1, 2)
+  assert 'delete that file' in str(err.value)
+  if damage == 'flip':  # the size is intact: follow the message
+    snap.unlink()
   repaired = _train(copy, _spec())
   _assert_same(_trajectory(store, 1), _trajectory(repaired, 1))
+
+
+def test_directory_of_another_format_is_refused(trained, tmp_path):
+  import json
+  import shutil
+  copy = tmp_path / 'old'
+  shutil.copytree(trained[0], copy)
+  meta = json.load(open(copy / 'metadata.json'))
+  meta['format'] = 1
+  json.dump(meta, open(copy / 'metadata.json', 'w'))
+  with pytest.raises(CheckpointError, match='format 1'):
+    _train(copy, _spec())
 
 
 def test_custom_start_and_metadata_mismatch(tmp_path):

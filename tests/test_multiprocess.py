@@ -1,0 +1,71 @@
+"""Two processes on localhost joined by `jax.distributed` (2 CPU devices
+each), started with launch/local_processes.sh as a user would: a short
+SeqMatch run is stopped during distillation, resumes, and ends with the same
+synthetic set as one process driving 4 devices."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from tests.test_main import ROOT, TINY
+
+RUN = [*TINY, '--config.seqmatch.compare_backbone=False',
+       '--config.eval.baselines=()', '--config.distill.checkpoint_every=1']
+ENV = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='', DEVICES='2')
+
+
+def _launch(workdir):
+  return subprocess.Popen(
+      ['bash', 'launch/local_processes.sh', '2', 'configs/digits.py', workdir,
+       *RUN], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL)
+
+
+def _logs(workdir) -> str:
+  out = ''
+  for i in range(2):
+    with open(f'{workdir}.process{i}.log') as f:
+      out += f'--- process {i}\n' + f.read()[-2500:]
+  return out
+
+
+def test_two_processes_stop_resume_equal_one_process(tmp_path):
+  wd = str(tmp_path / 'two')
+  script = _launch(wd)
+  first_ckpt = os.path.join(wd, 'distill', 'subset_1', '1')
+  deadline = time.time() + 300
+  while time.time() < deadline and not os.path.isdir(first_ckpt):
+    assert script.poll() is None, _logs(wd)
+    time.sleep(0.2)
+  script.send_signal(signal.SIGTERM)  # the script passes it to both processes
+  assert script.wait(timeout=300) == 130, _logs(wd)
+  logs = _logs(wd)
+  assert logs.count('state saved: rerun the same command') == 2, logs
+  assert not os.path.exists(os.path.join(wd, 'synthetic.npz'))
+
+  script = _launch(wd)
+  assert script.wait(timeout=600) == 0, _logs(wd)
+  logs = _logs(wd)
+  assert 'resuming at iteration' in logs or 'already distilled' in logs, logs
+  # Each process trained its own share of the experts: one each.
+  for name in ('experts', os.path.join('experts_staged', 'subset_2')):
+    assert [d for d in sorted(os.listdir(os.path.join(wd, name)))
+            if d.startswith('expert_')] == ['expert_0000', 'expert_0001']
+  assert os.path.exists(os.path.join(wd, 'results.json'))
+
+  one = str(tmp_path / 'one')
+  r = subprocess.run([sys.executable, '-m', 'seqmatch_jax.main',
+                      '--config=configs/digits.py', f'--workdir={one}', *RUN],
+                     cwd=ROOT, capture_output=True, text=True, timeout=600,
+                     env=dict(ENV, XLA_FLAGS='--xla_force_host_platform_device_count=4'))
+  assert r.returncode == 0, r.stderr[-3000:]
+  with np.load(os.path.join(wd, 'synthetic.npz')) as a, \
+       np.load(os.path.join(one, 'synthetic.npz')) as b:
+    np.testing.assert_array_equal(a['labels'], b['labels'])
+    np.testing.assert_allclose(a['images_model'], b['images_model'], rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(a['lr'], b['lr'], rtol=1e-4)
