@@ -36,15 +36,16 @@ def self_peak_rss_mib() -> float:
 
 
 def write_outputs(rows: list[dict], columns: list[str], out_prefix: str,
-                  title: str, command: str) -> str:
+                  title: str, command: str, extra: dict | None = None,
+                  footer: str = '') -> str:
   os.makedirs(os.path.dirname(out_prefix) or '.', exist_ok=True)
   with open(out_prefix + '.json', 'w') as f:
-    json.dump(dict(command=command, rows=rows), f, indent=1)
+    json.dump(dict(command=command, rows=rows, **(extra or {})), f, indent=1)
   lines = [f'### {title}', '', f'`{command}`', '',
            '| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
   for r in rows:
     lines.append('| ' + ' | '.join(str(r.get(c, '')) for c in columns) + ' |')
-  table = '\n'.join(lines) + '\n'
+  table = '\n'.join(lines) + '\n' + (footer + '\n' if footer else '')
   with open(out_prefix + '.md', 'w') as f:
     f.write(table)
   return table

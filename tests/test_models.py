@@ -15,15 +15,20 @@ from seqmatch_jax.models import conv as conv_lib
 
 # --- conv2d: im2col vs xla ---------------------------------------------------
 
-# (spatial, kernel, stride, padding): the paddings the networks use (1; 3 on
-# 28x28 first convs; 2/4 for AlexNet's 5x5), strided ResNet convs, string pads.
+# (spatial, kernel, stride, padding, in, out channels, per-tap kernel
+# gradient): the paddings the networks use (1; 3 on 28x28 first convs; 2/4 for
+# AlexNet's 5x5), strided ResNet convs, string pads. The 1 -> 16 case is a
+# first layer: its input gradient (16 -> 1 channels, padding -1 = a crop) takes
+# the few-outputs path, in dx, the meta-gradient and the second-order terms.
+# The per-tap case forces the wide-layer kernel gradient (one matmul per tap,
+# normally from 32 input channels) onto a small strided convolution.
 _CONV_CASES = [
-    (6, 3, 1, 1),
-    (5, 3, 1, 3),
-    (7, 3, 2, 1),
-    (7, 1, 2, 0),
-    (6, 5, 1, 4),
-    (7, 3, 2, 'SAME'),
+    (6, 3, 1, 1, 2, 3, False),
+    (5, 3, 1, 3, 1, 16, False),
+    (7, 3, 2, 1, 2, 3, True),
+    (7, 1, 2, 0, 2, 3, False),
+    (6, 5, 1, 4, 2, 3, False),
+    (7, 3, 2, 'SAME', 2, 3, False),
 ]
 
 
@@ -48,18 +53,27 @@ def _conv_quantities(x, kernel, stride, padding, impl):
   return y, gk, gx, jax.grad(meta)(x), hvp_k
 
 
-@pytest.mark.parametrize('size,ksize,stride,padding', _CONV_CASES)
-def test_im2col_matches_xla_to_second_order(size, ksize, stride, padding):
+@pytest.mark.parametrize('size,ksize,stride,padding,cin,cout,per_tap', _CONV_CASES)
+def test_im2col_matches_xla_to_second_order(size, ksize, stride, padding, cin,
+                                            cout, per_tap, monkeypatch):
+  if per_tap:
+    monkeypatch.setattr(conv_lib, '_PER_TAP_MIN_CHANNELS', 1)
   with jax.enable_x64(True):
     kx, kk = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(kx, (2, size, size, 2), jnp.float64)
-    kernel = 0.5 * jax.random.normal(kk, (ksize, ksize, 2, 3), jnp.float64)
-    fn = jax.jit(_conv_quantities, static_argnums=(2, 3, 4))
-    want = fn(x, kernel, stride, padding, 'xla')
-    got = fn(x, kernel, stride, padding, 'im2col')
+    x = jax.random.normal(kx, (2, size, size, cin), jnp.float64)
+    kernel = 0.5 * jax.random.normal(kk, (ksize, ksize, cin, cout), jnp.float64)
+    if ksize * ksize * cin <= cout:  # the input gradient: few-outputs path
+      assert conv_lib._few_outputs(jnp.zeros((1, 4, 4, cout)),
+                                   jnp.swapaxes(kernel, 2, 3), (1, 1), (1, 1))
+    # Fresh function per case: no trace cached under another threshold.
+    fn = jax.jit(lambda x, k, impl: _conv_quantities(x, k, stride, padding, impl),
+                 static_argnums=2)
+    want = fn(x, kernel, 'xla')
+    got = fn(x, kernel, 'im2col')
     assert got[0].dtype == jnp.float64
     for name, w, g in zip(('y', 'dk', 'dx', 'meta', 'hvp'), want, got):
-      np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12, err_msg=name)
+      # Other summation orders: ~1e-13 of the largest values (~30).
+      np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10, err_msg=name)
 
 
 def test_im2col_meta_gradient_has_no_kernel_gradient_convolution():
