@@ -2,10 +2,15 @@
 device (one expert trajectory per device per step), through the sharded step.
 
   python -m benchmarks.scaling --devices=1,2,4
+  python -m benchmarks.scaling --devices=2,4 --processes=2   # via jax.distributed
 
 On CPU the devices are forced host devices (XLA_FLAGS) sharing the same cores,
 so this checks the sharded path and its overhead, not real scaling; on a
-multi-GPU machine the same command measures scaling.
+multi-GPU machine the same command measures scaling. With --processes=P each
+row runs P local processes (devices/P each) joined by jax.distributed, the
+synthetic state replicated and each process loading only its devices' windows,
+as a multi-host run does: against the one-process row with the same device
+count, it measures the cost of the cross-process path.
 """
 
 from __future__ import annotations
@@ -21,11 +26,16 @@ import time
 def measure(args: dict) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
+  import numpy as np
   from seqmatch_jax import distill, parallel
   from seqmatch_jax.models import create_network
   from benchmarks import common
 
   d = args['devices']
+  procs = args.get('processes', 1)
+  if procs > 1:
+    jax.distributed.initialize(f"localhost:{args['port']}", num_processes=procs,
+                               process_id=args['process_id'])
   h, w, c = args['shape']
   net = create_network('convnet', 10, (h, w, c), width=args['width'],
                        depth=args['depth'])
@@ -37,11 +47,17 @@ def measure(args: dict) -> dict:
   plan = distill.SubsetPlan(index=0, ipc=10, iterations=1, syn_steps=args['steps'],
                             expert_epochs=2, max_start_epoch=1, lr_teacher=0.01,
                             lr_img=100.0, lr_lr=1e-5, batch_syn=0)
-  mesh = parallel.make_mesh(d)
+  mesh = parallel.make_mesh(d) if d > 1 else None
   step = distill.make_distill_step(net, plan, augment=args['augment'], remat=True,
-                                   batch_syn=100, mesh=mesh if d > 1 else None)
-  state = distill.init_state(images, plan, jax.random.key(2))
-  empty = images[:0]
+                                   batch_syn=100, mesh=mesh)
+  state = parallel.replicate(distill.init_state(images, plan, jax.random.key(2)),
+                             mesh)
+  empty = parallel.replicate(images[:0], mesh)
+  labels = parallel.replicate(labels, mesh)
+  if mesh is not None:  # each process holds only its devices' trajectories
+    host = jax.tree.map(np.asarray, (starts, targets))
+    starts, targets = parallel.shard_from_loader(
+        d, mesh, lambda rows: jax.tree.map(lambda a: a[rows], host))
   state, m = step(state, empty, labels, starts, targets)
   jax.block_until_ready(m)
   times = []
@@ -51,10 +67,34 @@ def measure(args: dict) -> dict:
     jax.block_until_ready(m)
     times.append(time.time() - t0)
   med = statistics.median(times)
-  return dict(devices=d, trajectories_per_step=d, s_per_step=round(med, 3),
+  return dict(devices=d, processes=procs, trajectories_per_step=d,
+              s_per_step=round(med, 3),
               trajectories_per_s=round(d / med, 3),
               peak_rss_mib=common.self_peak_rss_mib(),
               backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind)
+
+
+def _run_processes(args: dict, processes: int) -> dict:
+  """One row as `processes` local processes joined by jax.distributed (each
+  with devices/processes forced CPU devices); process 0's measurement."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS=os.environ.get('XLA_FLAGS', '') +
+             f' --xla_force_host_platform_device_count={args["devices"] // processes}')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  children = [subprocess.Popen(
+      [sys.executable, '-m', 'benchmarks.scaling', '--json',
+       json.dumps(dict(args, processes=processes, port=port, process_id=i))],
+      cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(processes)]
+  outs = [c.communicate(timeout=3600) for c in children]
+  if any(c.returncode for c in children):
+    return dict(args, processes=processes,
+                error=outs[0][1].strip().splitlines()[-1:] or ['failed'])
+  return json.loads(outs[0][0].strip().splitlines()[-1])
 
 
 def main():
@@ -67,22 +107,35 @@ def main():
   p.add_argument('--steps', type=int, default=10)
   p.add_argument('--augment', default='color_crop_cutout_flip_scale_rotate')
   p.add_argument('--reps', type=int, default=5)
-  p.add_argument('--out', default='benchmarks/results/scaling')
+  p.add_argument('--processes', type=int, default=1)
+  p.add_argument('--out', default='')
   a = p.parse_args()
   if a.json:
-    print(json.dumps(measure(json.loads(a.json))))
+    row = measure(json.loads(a.json))
+    if row is not None:
+      print(json.dumps(row))
     return
+  a.out = a.out or ('benchmarks/results/scaling' if a.processes == 1 else
+                    f'benchmarks/results/scaling_{a.processes}proc')
   from benchmarks import common  # pylint: disable=g-import-not-at-top
   counts = [int(v) for v in a.devices.split(',')]
   import jax  # pylint: disable=g-import-not-at-top
   if jax.default_backend() == 'cpu':  # force host devices in the children
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                               f' --xla_force_host_platform_device_count={max(counts)}')
+    if a.processes > 1 and any(c % a.processes for c in counts):
+      sys.exit(f'--devices must be multiples of --processes={a.processes}')
+    per = max(counts) if a.processes == 1 else None
+    if per:
+      os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                                 f' --xla_force_host_platform_device_count={per}')
   rows = []
   for d in counts:
-    row = common.run_isolated('benchmarks.scaling', dict(
-        devices=d, shape=[int(v) for v in a.shape.split('x')], width=a.width,
-        depth=a.depth, steps=a.steps, augment=a.augment, reps=a.reps))
+    args = dict(devices=d, shape=[int(v) for v in a.shape.split('x')],
+                width=a.width, depth=a.depth, steps=a.steps, augment=a.augment,
+                reps=a.reps)
+    if a.processes > 1:
+      row = _run_processes(args, a.processes)
+    else:
+      row = common.run_isolated('benchmarks.scaling', args)
     rows.append(row)
     print(json.dumps(row), file=sys.stderr, flush=True)
   base = rows[0].get('trajectories_per_s')
@@ -92,9 +145,10 @@ def main():
       r['efficiency'] = round(r['speedup'] / (r['devices'] / rows[0]['devices']), 2)
   cmd = 'python -m benchmarks.scaling ' + ' '.join(sys.argv[1:])
   print(common.write_outputs(
-      rows, ['devices', 'trajectories_per_step', 's_per_step', 'trajectories_per_s',
+      rows, ['devices', 'processes', 'trajectories_per_step', 's_per_step', 'trajectories_per_s',
              'speedup', 'efficiency', 'peak_rss_mib', 'backend'],
-      a.out, 'Distillation scaling over devices (fixed work per device)', cmd))
+      a.out, 'Distillation scaling over devices (fixed work per device)'
+      + (f', {a.processes} processes' if a.processes > 1 else ''), cmd))
 
 
 if __name__ == '__main__':
