@@ -82,7 +82,7 @@ def init_state(images: jax.Array, plan: SubsetPlan, key: jax.Array) -> DistillSt
   return DistillState(
       images=images, syn_lr=syn_lr, opt_images=tx_img.init(images),
       opt_lr=tx_lr.init(syn_lr), key=jax.random.key_data(key),
-      iteration=jnp.zeros((), jnp.int32), best_score=jnp.full((), -1.0),
+      iteration=jnp.zeros((), jnp.int32), best_score=jnp.full((), -1.0, jnp.float32),
       best_images=jnp.copy(images), best_lr=jnp.copy(syn_lr))  # own buffers: the
   # step donates the state, and one buffer must not be donated twice.
 
@@ -199,8 +199,9 @@ def restore_or_init(path: str, fresh: DistillState) -> tuple[DistillState, ocp.C
   """Latest checkpoint under `path` if any (a damaged one is an error: it is
   never silently replaced by a fresh start that would lose work)."""
   mgr = _checkpoint_manager(os.path.abspath(path))
-  step = mgr.latest_step()
-  if step is None:
+  # Process 0 decides which step every process restores (-1: none).
+  step = parallel.agree(-1 if mgr.latest_step() is None else mgr.latest_step())
+  if step < 0:
     return fresh, mgr
   try:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, fresh)
@@ -277,6 +278,7 @@ def distill_subset(*, network: Network, plan: SubsetPlan, store: TrajectoryStore
   for it in range(start, plan.iterations):
     if parallel.any_process(should_stop()):  # every host stops at the same step
       save()
+      parallel.barrier(f'{ckpt_dir} stopped at {it}')  # all saved before any exits
       bar.close()
       raise Interrupted(f'stopped at iteration {it} of subset {plan.index + 1}')
     if evaluate_fn is not None and eval_every and it % eval_every == 0 and it > 0:
@@ -329,7 +331,7 @@ def _check_run_record(ckpt_dir: str, traj: int, num_devices: int,
   silently change it.
   """
   path = os.path.join(ckpt_dir, 'run.json')
-  if resumed and os.path.exists(path):
+  if resumed and parallel.agree(os.path.exists(path)):
     with open(path) as f:
       old = json.load(f)
     if int(old['trajectories_per_step']) != traj:
@@ -342,12 +344,13 @@ def _check_run_record(ckpt_dir: str, traj: int, num_devices: int,
           f'{traj} ({num_devices} devices), which changes the meta-gradient. To '
           f'continue the same run, {hint}; or start a new workdir.')
     return
-  if parallel.is_main_process():
+  def write():
     os.makedirs(ckpt_dir, exist_ok=True)
     tmp = f'{path}.{os.getpid()}.tmp'
     with open(tmp, 'w') as f:
       json.dump(dict(trajectories_per_step=traj, devices=num_devices), f)
     os.replace(tmp, path)
+  parallel.main_only(write, f'{path}')
 
 
 def _evaluate(state: DistillState, evaluate_fn, frozen, writer, it: int,

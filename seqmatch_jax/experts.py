@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 import zlib
 from typing import Any, Callable, Sequence
@@ -42,6 +43,7 @@ from seqmatch_jax.errors import CheckpointError
 from seqmatch_jax.models import Network
 
 FORMAT_VERSION = 2  # 1: Orbax snapshots (first release)
+_SNAPSHOT_NAME = re.compile(r'epoch_(\d+)\.npz')
 InitFn = Callable[[int, jax.Array], tuple[Any, Any]]
 
 
@@ -250,9 +252,8 @@ def train_experts(network: Network, spec: ExpertSpec, path: str,
                   num_experts=spec.num, lr=spec.lr, momentum=spec.momentum,
                   batch_size=spec.batch_size, augment=spec.augment)
   _check_metadata(path, metadata)
-  if parallel.is_main_process():
-    _write_json(os.path.join(path, 'metadata.json'), metadata)
-  parallel.barrier(f'expert metadata {path}')
+  parallel.main_only(lambda: _write_json(os.path.join(path, 'metadata.json'),
+                                         metadata), f'expert metadata {path}')
   store = TrajectoryStore(path)
   sgd = training.SGDSpec(batch_size=spec.batch_size, momentum=spec.momentum,
                          augment=spec.augment)
@@ -386,8 +387,10 @@ def _forget_from(store: TrajectoryStore, expert: int, epoch: int) -> None:
                            if int(k) < epoch}
   _write_json(os.path.join(store.expert_dir(expert), 'progress.json'), progress)
   for name in os.listdir(store.expert_dir(expert)):
-    if name.startswith('epoch_') and name.endswith('.npz') and int(
-        name[6:-4]) >= epoch:
+    m = _SNAPSHOT_NAME.fullmatch(name)
+    # Also temporary files a killed write left behind (only this expert's
+    # owner trains it, so none of them is being written now).
+    if (m and int(m.group(1)) >= epoch) or name.endswith('.tmp.npz'):
       os.remove(os.path.join(store.expert_dir(expert), name))
 
 

@@ -6,13 +6,17 @@ same command resumes it.
 """
 
 import logging as logging_std
+import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
+from seqmatch_jax import parallel
 from seqmatch_jax import pipeline
 from seqmatch_jax.distill import Interrupted
 from seqmatch_jax.errors import UserError
@@ -27,7 +31,18 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def _fail(message: str) -> None:
   print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
+  _exit(2)
+
+
+def _exit(code: int) -> None:
+  """Exits; in a multi-process run without the orderly jax.distributed
+  shutdown, which would wait for peers that may be stuck in a collective
+  (they notice the missing heartbeat and stop instead of hanging)."""
+  if parallel.distributed_is_initialized() and code not in (0, 130):
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(code)  # pylint: disable=protected-access
+  sys.exit(code)
 
 
 def _parse_flags(argv):
@@ -70,6 +85,12 @@ def main(argv):
     print(f'interrupted ({e}); state saved: rerun the same command to resume.',
           file=sys.stderr)
     sys.exit(130)
+  except (Exception, KeyboardInterrupt):  # pylint: disable=broad-except
+    if parallel.is_multiprocess():  # see _exit: do not leave the peers hanging
+      traceback.print_exc()
+      print(f'process {jax.process_index()} failed; stopping.', file=sys.stderr)
+      _exit(1)
+    raise
 
 
 if __name__ == '__main__':

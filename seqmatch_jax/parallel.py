@@ -18,7 +18,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from seqmatch_jax.errors import ConfigError
+from seqmatch_jax.errors import CheckpointError, ConfigError
 
 DATA = 'data'
 
@@ -38,10 +38,13 @@ def maybe_initialize_distributed(mode: str, coordinator_address: str = '',
     raise ConfigError(f"parallel.distributed must be auto|yes|no, got {mode!r}")
   if mode == 'no':
     return
-  in_cluster = (int(os.environ.get('SLURM_NTASKS', '1')) > 1 or
-                'TPU_WORKER_HOSTNAMES' in os.environ or
+  # A SLURM *step* with several tasks (srun); a batch shell with
+  # SLURM_NTASKS > 1 that runs python directly is one process.
+  in_slurm_step = ('SLURM_STEP_ID' in os.environ and
+                   int(os.environ.get('SLURM_STEP_NUM_TASKS', '1')) > 1)
+  in_cluster = (in_slurm_step or 'TPU_WORKER_HOSTNAMES' in os.environ or
                 bool(coordinator_address))
-  if not (mode == 'yes' or in_cluster) or _distributed_is_initialized():
+  if not (mode == 'yes' or in_cluster) or distributed_is_initialized():
     return
   explicit = {}
   if coordinator_address:
@@ -65,7 +68,7 @@ def maybe_initialize_distributed(mode: str, coordinator_address: str = '',
                jax.local_device_count())
 
 
-def _distributed_is_initialized() -> bool:
+def distributed_is_initialized() -> bool:
   try:
     from jax._src import distributed  # pylint: disable=g-import-not-at-top
     return distributed.global_state.client is not None
@@ -108,7 +111,7 @@ def process_share(num: int) -> list[int]:
 
 
 def is_multiprocess() -> bool:
-  return jax.process_count() > 1
+  return distributed_is_initialized() and jax.process_count() > 1
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -136,6 +139,10 @@ def replicate(tree: Any, mesh: Mesh | None) -> Any:
   sharding = replicated(mesh)
   if not is_multiprocess():
     return jax.device_put(tree, sharding)
+  # Process 0's values everywhere: hosts that computed "the same" values
+  # (e.g. a ZCA fit on another CPU type) may differ in the last bits, and a
+  # replicated array must be identical on every device.
+  tree = multihost_utils.broadcast_one_to_all(jax.tree.map(np.asarray, tree))
 
   def one(x):
     x = np.asarray(x)
@@ -153,7 +160,17 @@ def shard_from_loader(num: int, mesh: Mesh, load: Callable[[list[int]], Any]) ->
   sharding = sharded(mesh)
   wanted = sorted({i for index in sharding.addressable_devices_indices_map(
       (num,)).values() for i in range(num)[index[0]]})
-  loaded = load(wanted)
+  try:
+    loaded, error = load(wanted), None
+  except Exception as e:  # pylint: disable=broad-except
+    loaded, error = None, e
+  # A read that fails on one host must stop all of them (the others would
+  # wait in the step's all-reduce forever).
+  if any_process(error is not None):
+    if error is not None:
+      raise error
+    raise CheckpointError('Another process failed to read its expert windows '
+                          '(its log has the error); stopping here too.')
   position = {i: j for j, i in enumerate(wanted)}
 
   def one(leaf):
@@ -183,6 +200,32 @@ def any_process(flag: bool) -> bool:
   if not is_multiprocess():
     return bool(flag)
   return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+def agree(value: int) -> int:
+  """Process 0's integer on every process: decisions read from a shared
+  filesystem (a file exists, the latest checkpoint step) are made once, since
+  hosts' NFS caches may disagree even after a barrier."""
+  if not is_multiprocess():
+    return int(value)
+  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
+def main_only(fn: Callable[[], Any], what: str) -> None:
+  """Runs `fn` (a write) on process 0 only; if it fails, every process stops
+  with the error instead of the others waiting for it at the next barrier."""
+  error = None
+  if is_main_process():
+    try:
+      fn()
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+  if any_process(error is not None):
+    if error is not None:
+      raise error
+    raise ConfigError(f'process 0 failed to write {what} (its log has the '
+                      'error); stopping here too.')
+  barrier(what)
 
 
 def barrier(name: str) -> None:

@@ -116,10 +116,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   parallel.maybe_initialize_distributed(
       config.parallel.distributed, config.parallel.coordinator_address,
       config.parallel.num_processes, config.parallel.process_id)
+  if not parallel.is_main_process():
+    logging.set_verbosity(logging.WARNING)  # process 0 alone logs progress
   os.makedirs(workdir, exist_ok=True)
-  if parallel.is_main_process():
+  def write_config():
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+  parallel.main_only(write_config, 'config.json')
   data = prepare_data(config, workdir)
   network = create_network(config.model.name, data.num_classes, data.image_shape,
                            width=config.model.width, depth=config.model.depth,
@@ -156,7 +159,7 @@ def train_real_experts(config, workdir, data, network, key, stop, writer):
       writer=writer, mesh=parallel.model_mesh(config.parallel.num_devices),
       progress=parallel.is_main_process())
   parallel.barrier(f'experts {path}')  # every host's share is on disk
-  if len(store.experts()) < spec.num:
+  if parallel.agree(len(store.experts()) < spec.num):
     raise Interrupted('stopped while training experts')
   accs = [store.test_accuracy(i).get(spec.epochs, float('nan')) for i in store.experts()]
   logging.info('experts done: final test accuracy %.4f ± %.4f', np.mean(accs),
@@ -171,9 +174,12 @@ def _context(config, workdir, data, network, key, stop, writer, mesh, tag=''):
     sizes = [p.ipc for p in seqmatch.subset_schedule(config)][:k + 1]
     labels, _ = seqmatch.subset_layout(sizes, data.num_classes)
     path = os.path.join(workdir, tag, 'images', f'subset{k + 1}_it{it:06d}.png')
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    visualize.save_grid(path, data.preprocessor.to_pixels(images_model), labels,
-                        data.num_classes)
+    try:  # a progress picture is not worth stopping (or desynchronising) a run
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      visualize.save_grid(path, data.preprocessor.to_pixels(images_model), labels,
+                          data.num_classes)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('could not write %s: %s', path, e)
   return seqmatch.Context(
       config=config, workdir=workdir, network=network, x_train=data.x_train,
       y_train=data.y_train, x_test=data.x_test, y_test=data.y_test,
@@ -196,18 +202,18 @@ def distill(config, workdir, data, network, key, stop, writer):
     runs.append(('mtt', backbone_config(config)))
   for tag, cfg in runs:
     out = os.path.join(workdir, tag, 'synthetic.npz')
-    if os.path.exists(out):
+    if parallel.agree(os.path.exists(out)):
       logging.info('%s exists: distillation done', out)
       continue
     syn = seqmatch.distill_all(_context(cfg, workdir, data, network, key, stop,
                                         writer, mesh, tag), tag=tag)
-    if parallel.is_main_process():
+    def write(out=out, syn=syn, cfg=cfg):
       save_synthetic(out, syn, data, cfg)
       visualize.save_grid(out.replace('.npz', '.png'),
                           data.preprocessor.to_pixels(syn.images), syn.labels,
                           data.num_classes)
       logging.info('wrote %s (%d images, lr %s)', out, len(syn.labels), syn.lrs)
-    parallel.barrier(f'synthetic set {out}')
+    parallel.main_only(write, f'synthetic set {out}')
 
 
 def save_synthetic(path: str, syn: seqmatch.SyntheticSet, data: PreparedData,

@@ -186,7 +186,7 @@ def distill_all(ctx: Context, tag: str = '') -> SyntheticSet:
     mine = subset == k
     frozen = subset < k
     out_path = os.path.join(root, 'subsets', f'subset_{k + 1}.npz')
-    if os.path.exists(out_path):
+    if parallel.agree(os.path.exists(out_path)):
       with np.load(out_path) as f:
         if (f['images_model'].shape != init[mine].shape or
             not np.array_equal(f['labels'], labels[mine])):
@@ -223,10 +223,9 @@ def distill_all(ctx: Context, tag: str = '') -> SyntheticSet:
     use_best = evaluate_fn is not None and float(state.best_score) >= 0
     images = parallel.fetch(state.best_images if use_best else state.images)
     lr = float(parallel.fetch(state.best_lr if use_best else state.syn_lr))
-    if parallel.is_main_process():
-      _save_npz(out_path, images_model=images, lr=np.float32(lr),
-                labels=labels[mine])
-    parallel.barrier(f'subset {tag} {k + 1} saved')
+    parallel.main_only(lambda: _save_npz(out_path, images_model=images,
+                                         lr=np.float32(lr), labels=labels[mine]),
+                       f'subset {tag} {k + 1}')
     done_images.append(images)
     lrs.append(lr)
   return SyntheticSet(np.concatenate(done_images), labels, subset, lrs)
@@ -266,7 +265,7 @@ def _experts_for(ctx: Context, k: int, done_images, labels, subset, lrs,
       mesh=parallel.model_mesh(config.parallel.num_devices),
       progress=ctx.progress)
   parallel.barrier(f'staged experts {ctx.workdir} {k + 1}')
-  if len(store.experts()) < spec.num:
+  if parallel.agree(len(store.experts()) < spec.num):
     raise distill_lib.Interrupted(f'stopped while training staged experts for '
                                   f'subset {k + 1}')
   return store

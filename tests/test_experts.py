@@ -116,6 +116,8 @@ def test_damaged_snapshot_is_detected_and_recomputed(trained, tmp_path, damage):
     snap.write_bytes(bytes(raw))
   else:
     snap.unlink()
+    orphan = copy / 'expert_0001' / 'epoch_0003.npz.999.tmp.npz'  # a killed write
+    orphan.write_bytes(b'half')
   damaged = experts.TrajectoryStore(str(copy))
   with pytest.raises(CheckpointError, match='expert 1') as err:
     damaged.load(1, 2)
@@ -124,6 +126,7 @@ def test_damaged_snapshot_is_detected_and_recomputed(trained, tmp_path, damage):
     snap.unlink()
   repaired = _train(copy, _spec())
   _assert_same(_trajectory(store, 1), _trajectory(repaired, 1))
+  assert not list((copy / 'expert_0001').glob('*.tmp.npz'))
 
 
 def test_directory_of_another_format_is_refused(trained, tmp_path):
