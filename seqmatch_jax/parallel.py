@@ -166,11 +166,9 @@ def shard_from_loader(num: int, mesh: Mesh, load: Callable[[list[int]], Any]) ->
     loaded, error = None, e
   # A read that fails on one host must stop all of them (the others would
   # wait in the step's all-reduce forever).
-  if any_process(error is not None):
-    if error is not None:
-      raise error
-    raise CheckpointError('Another process failed to read its expert windows '
-                          '(its log has the error); stopping here too.')
+  _raise_on_every_process(error, CheckpointError(
+      'Another process failed to read its expert windows (its log has the '
+      'error); stopping here too.'))
   position = {i: j for j, i in enumerate(wanted)}
 
   def one(leaf):
@@ -220,12 +218,17 @@ def main_only(fn: Callable[[], Any], what: str) -> None:
       fn()
     except Exception as e:  # pylint: disable=broad-except
       error = e
-  if any_process(error is not None):
-    if error is not None:
-      raise error
-    raise ConfigError(f'process 0 failed to write {what} (its log has the '
-                      'error); stopping here too.')
+  _raise_on_every_process(error, ConfigError(
+      f'process 0 failed to write {what} (its log has the error); stopping '
+      'here too.'))
   barrier(what)
+
+
+def _raise_on_every_process(error: Exception | None, elsewhere: Exception) -> None:
+  """If any process has an `error`, every process raises: its own error where
+  it happened, `elsewhere` on the others."""
+  if any_process(error is not None):
+    raise error if error is not None else elsewhere
 
 
 def barrier(name: str) -> None:
@@ -244,8 +247,7 @@ def gather_models(local: np.ndarray, num: int) -> np.ndarray:
   local = np.asarray(local)
   pad = per - local.shape[0]
   if pad:
-    filler = np.zeros((pad,) + local.shape[1:], local.dtype)
-    local = np.concatenate([local, filler]) if local.size else filler
+    local = np.concatenate([local, np.zeros((pad,) + local.shape[1:], local.dtype)])
   gathered = np.asarray(multihost_utils.process_allgather(local))  # [P, per, ...]
   return np.stack([gathered[i % count, i // count] for i in range(num)])
 
