@@ -6,23 +6,23 @@ from seqmatch_jax import config_lib
 
 TABLES = {
     # MTT: N 50, M 2, T+ 2, lr_img 100, lr_lr 1e-7, lr_teacher 0.01, ZCA.
-    1: {'distill.syn_steps': 50, 'distill.expert_epochs': 2,
-        'distill.max_start_epoch': 2, 'distill.lr_img': 100.0,
-        'distill.lr_lr': 1e-7, 'distill.lr_teacher': 0.01, 'dataset.zca': True,
+    1: {'mtt.syn_steps': 50, 'mtt.expert_epochs': 2,
+        'mtt.max_start_epoch': 2, 'mtt.lr_img': 100.0,
+        'mtt.lr_lr': 1e-7, 'mtt.lr_teacher': 0.01, 'dataset.zca': True,
         'seqmatch.num_subsets': 1},
     # Table 4: K 2, T+ {20,10}, N {30,80}, M {2,3}, lr_img 100, lr_lr 1e-5,
     # lr_teacher 0.001, ZCA (as MTT ipc 10).
-    10: {'distill.syn_steps': 30, 'distill.expert_epochs': 2,
-         'distill.max_start_epoch': 20, 'distill.lr_img': 100.0,
-         'distill.lr_lr': 1e-5, 'distill.lr_teacher': 0.001, 'dataset.zca': True,
-         'seqmatch.num_subsets': 2, 'seqmatch.max_start_epoch': (20, 10),
-         'seqmatch.syn_steps': (30, 80), 'seqmatch.expert_epochs': (2, 3)},
+    10: {'mtt.syn_steps': 30, 'mtt.expert_epochs': 2,
+         'mtt.max_start_epoch': 20, 'mtt.lr_img': 100.0,
+         'mtt.lr_lr': 1e-5, 'mtt.lr_teacher': 0.001, 'dataset.zca': True,
+         'seqmatch.num_subsets': 2, 'mtt.per_subset.max_start_epoch': (20, 10),
+         'mtt.per_subset.syn_steps': (30, 80), 'mtt.per_subset.expert_epochs': (2, 3)},
     # Table 4: K 3, T+ {20,20,10}, N 30, M 2, lr_img 100, lr_lr 1e-5,
     # lr_teacher 0.01, no ZCA (as MTT ipc 50).
-    50: {'experts.staged_epochs': 50, 'distill.syn_steps': 30, 'distill.expert_epochs': 2,
-         'distill.max_start_epoch': 40, 'distill.lr_img': 100.0,
-         'distill.lr_lr': 1e-5, 'distill.lr_teacher': 0.01, 'dataset.zca': False,
-         'seqmatch.num_subsets': 3, 'seqmatch.max_start_epoch': (20, 20, 10)},
+    50: {'experts.staged_epochs': 50, 'mtt.syn_steps': 30, 'mtt.expert_epochs': 2,
+         'mtt.max_start_epoch': 40, 'mtt.lr_img': 100.0,
+         'mtt.lr_lr': 1e-5, 'mtt.lr_teacher': 0.01, 'dataset.zca': False,
+         'seqmatch.num_subsets': 3, 'mtt.per_subset.max_start_epoch': (20, 20, 10)},
 }
 
 

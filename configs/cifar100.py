@@ -5,21 +5,21 @@ Variants: configs/cifar100.py:ipc=1|10|50 and `k=N` (k=1: plain MTT).
 from seqmatch_jax import config_lib
 
 TABLES = {
-    1: {'distill.syn_steps': 20, 'distill.expert_epochs': 3,
-        'distill.max_start_epoch': 20, 'distill.lr_img': 1000.0,
-        'distill.lr_lr': 1e-5, 'distill.lr_teacher': 0.01, 'dataset.zca': True,
+    1: {'mtt.syn_steps': 20, 'mtt.expert_epochs': 3,
+        'mtt.max_start_epoch': 20, 'mtt.lr_img': 1000.0,
+        'mtt.lr_lr': 1e-5, 'mtt.lr_teacher': 0.01, 'dataset.zca': True,
         'seqmatch.num_subsets': 1},
     # Table 4: K 2, T+ {20,40}, N 30, M 2, lr_img 1000, lr_lr 1e-5, lr_t 0.01.
-    10: {'experts.staged_epochs': 50, 'distill.syn_steps': 30, 'distill.expert_epochs': 2,
-         'distill.max_start_epoch': 20, 'distill.lr_img': 1000.0,
-         'distill.lr_lr': 1e-5, 'distill.lr_teacher': 0.01, 'dataset.zca': False,
-         'seqmatch.num_subsets': 2, 'seqmatch.max_start_epoch': (20, 40)},
+    10: {'experts.staged_epochs': 50, 'mtt.syn_steps': 30, 'mtt.expert_epochs': 2,
+         'mtt.max_start_epoch': 20, 'mtt.lr_img': 1000.0,
+         'mtt.lr_lr': 1e-5, 'mtt.lr_teacher': 0.01, 'dataset.zca': False,
+         'seqmatch.num_subsets': 2, 'mtt.per_subset.max_start_epoch': (20, 40)},
     # Table 4: K 3, T+ {40,20,20}, N 80, M 2, batch_syn 125, lr_img 1000, ZCA.
-    50: {'experts.staged_epochs': 50, 'distill.syn_steps': 80, 'distill.expert_epochs': 2,
-         'distill.max_start_epoch': 40, 'distill.lr_img': 1000.0,
-         'distill.lr_lr': 1e-5, 'distill.lr_teacher': 0.01, 'dataset.zca': True,
-         'distill.batch_syn': 125, 'seqmatch.num_subsets': 3,
-         'seqmatch.max_start_epoch': (40, 20, 20)},
+    50: {'experts.staged_epochs': 50, 'mtt.syn_steps': 80, 'mtt.expert_epochs': 2,
+         'mtt.max_start_epoch': 40, 'mtt.lr_img': 1000.0,
+         'mtt.lr_lr': 1e-5, 'mtt.lr_teacher': 0.01, 'dataset.zca': True,
+         'mtt.batch_syn': 125, 'seqmatch.num_subsets': 3,
+         'mtt.per_subset.max_start_epoch': (40, 20, 20)},
 }
 
 

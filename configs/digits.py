@@ -19,21 +19,21 @@ BASE = {
     'seqmatch.compare_backbone': True,
 }
 TABLES = {
-    1: {'distill.iterations': 200, 'distill.syn_steps': 20,
-        'distill.expert_epochs': 2, 'distill.max_start_epoch': 4,
-        'distill.lr_img': 100.0, 'distill.lr_lr': 1e-5,
-        'distill.lr_teacher': 0.01, 'seqmatch.num_subsets': 1},
+    1: {'mtt.iterations': 200, 'mtt.syn_steps': 20,
+        'mtt.expert_epochs': 2, 'mtt.max_start_epoch': 4,
+        'mtt.lr_img': 100.0, 'mtt.lr_lr': 1e-5,
+        'mtt.lr_teacher': 0.01, 'seqmatch.num_subsets': 1},
     # K 2 as the paper's ipc-10 rule; MTT comparison gets the same total
-    # iterations (distill.iterations) as SeqMatch spends over both subsets.
-    10: {'distill.iterations': 300, 'distill.syn_steps': 20,
-         'distill.expert_epochs': 2, 'distill.max_start_epoch': 8,
-         'distill.lr_img': 1000.0, 'distill.lr_lr': 1e-5,
-         'distill.lr_teacher': 0.01, 'seqmatch.num_subsets': 2,
-         'seqmatch.iterations': (150, 150), 'seqmatch.max_start_epoch': (8, 5),
+    # iterations (mtt.iterations) as SeqMatch spends over both subsets.
+    10: {'mtt.iterations': 300, 'mtt.syn_steps': 20,
+         'mtt.expert_epochs': 2, 'mtt.max_start_epoch': 8,
+         'mtt.lr_img': 1000.0, 'mtt.lr_lr': 1e-5,
+         'mtt.lr_teacher': 0.01, 'seqmatch.num_subsets': 2,
+         'mtt.per_subset.iterations': (150, 150), 'mtt.per_subset.max_start_epoch': (8, 5),
          # Subset 2's experts start near convergence (S_1 alone gives ~94%):
          # at lr_img 1000 its syn_lr collapsed to 0.002 and validation accuracy
          # fell to 94.0%; at 100 it reached 97.3% (validation split).
-         'seqmatch.lr_img': (1000.0, 100.0)},
+         'mtt.per_subset.lr_img': (1000.0, 100.0)},
 }
 
 

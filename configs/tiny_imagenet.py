@@ -6,21 +6,21 @@ from seqmatch_jax import config_lib
 
 BASE = {'model.depth': 4}
 TABLES = {
-    1: {'distill.syn_steps': 10, 'distill.expert_epochs': 2,
-        'distill.max_start_epoch': 10, 'distill.lr_img': 1e4,
-        'distill.lr_lr': 1e-4, 'distill.lr_teacher': 0.01,
+    1: {'mtt.syn_steps': 10, 'mtt.expert_epochs': 2,
+        'mtt.max_start_epoch': 10, 'mtt.lr_img': 1e4,
+        'mtt.lr_lr': 1e-4, 'mtt.lr_teacher': 0.01,
         'seqmatch.num_subsets': 1},
     # Table 4: K 2, T+ {20,10}, N 20, M 2, batch_syn 100, lr_img 1e4, lr_lr 1e-4.
-    10: {'distill.syn_steps': 20, 'distill.expert_epochs': 2,
-         'distill.max_start_epoch': 40, 'distill.lr_img': 1e4,
-         'distill.lr_lr': 1e-4, 'distill.lr_teacher': 0.01,
-         'distill.batch_syn': 100, 'seqmatch.num_subsets': 2,
-         'seqmatch.max_start_epoch': (20, 10)},
+    10: {'mtt.syn_steps': 20, 'mtt.expert_epochs': 2,
+         'mtt.max_start_epoch': 40, 'mtt.lr_img': 1e4,
+         'mtt.lr_lr': 1e-4, 'mtt.lr_teacher': 0.01,
+         'mtt.batch_syn': 100, 'seqmatch.num_subsets': 2,
+         'mtt.per_subset.max_start_epoch': (20, 10)},
     # MTT ipc 50 (batch_syn 300); K 3 as the paper's ipc-50 rule.
-    50: {'experts.staged_epochs': 50, 'distill.syn_steps': 20, 'distill.expert_epochs': 2,
-         'distill.max_start_epoch': 40, 'distill.lr_img': 1e4,
-         'distill.lr_lr': 1e-4, 'distill.lr_teacher': 0.01,
-         'distill.batch_syn': 300, 'seqmatch.num_subsets': 3},
+    50: {'experts.staged_epochs': 50, 'mtt.syn_steps': 20, 'mtt.expert_epochs': 2,
+         'mtt.max_start_epoch': 40, 'mtt.lr_img': 1e4,
+         'mtt.lr_lr': 1e-4, 'mtt.lr_teacher': 0.01,
+         'mtt.batch_syn': 300, 'seqmatch.num_subsets': 3},
 }
 
 

@@ -391,3 +391,38 @@ def augment_siamese(
     return xs
   params = sample_params(key, strategy, xs[0].shape[0], xs[0].shape[1:], dsa)
   return tuple(apply_params(x, params) for x in xs)
+
+
+_PER_SAMPLE_FIELDS = ('brightness', 'saturation', 'contrast', 'shift', 'cutout_lo',
+                      'cutout_hi', 'flip', 'scale', 'angle')
+
+
+def broadcast_params(params: AugmentParams, batch_size: int) -> AugmentParams:
+  """A one-sample draw repeated for `batch_size` samples (batch-shared)."""
+  return params.replace(**{
+      f: jnp.broadcast_to(getattr(params, f)[:1],
+                          (batch_size,) + getattr(params, f).shape[1:])
+      for f in _PER_SAMPLE_FIELDS})
+
+
+def augment_shared(
+    key: jax.Array,
+    xs: Sequence[jax.Array],
+    strategy: str = DEFAULT_STRATEGY,
+    dsa: DSAParams = DSAParams(),
+) -> tuple[jax.Array, ...]:
+  """One transform for every sample of every batch (batches may differ in size).
+
+  DC/DSA and DM's siamese augmentation: the official code reseeds before each
+  draw and copies sample 0's parameters to the whole batch, so all real and
+  synthetic images of a class see the identical transform.
+  """
+  xs = tuple(xs)
+  if not xs or not _parse_strategy(strategy):
+    return xs
+  shapes = {tuple(x.shape[1:3]) for x in xs}
+  if any(x.ndim != 4 for x in xs) or len(shapes) != 1:
+    raise ValueError('augment_shared needs NHWC batches of one spatial size, got '
+                     f'shapes {[tuple(x.shape) for x in xs]}.')
+  one = sample_params(key, strategy, 1, xs[0].shape[1:], dsa)
+  return tuple(apply_params(x, broadcast_params(one, x.shape[0])) for x in xs)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import ml_collections
 
+from seqmatch_jax import backbones
+
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every key the program reads, with the MTT reference defaults."""
+  """Every key the program reads, with the reference defaults."""
   c = ml_collections.ConfigDict()
   c.mode = 'all'  # all | experts | distill | evaluate
   c.seed = 0
@@ -46,38 +48,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.experts.per_batch = 0  # experts trained together (vmap); 0 = per backend
   c.experts.staged_epochs = 20  # real-data epochs of SeqMatch's staged experts
 
-  c.distill = ml_collections.ConfigDict()
-  c.distill.iterations = 5000
-  c.distill.syn_steps = 20
-  c.distill.expert_epochs = 2
-  c.distill.max_start_epoch = 20
-  c.distill.lr_img = 1000.0
-  c.distill.lr_lr = 1e-5
-  c.distill.lr_teacher = 0.01
-  c.distill.min_syn_lr = 1e-6  # syn_lr is projected onto [min_syn_lr, inf)
-  c.distill.batch_syn = 0  # 0 = the size of the subset being distilled
+  c.backbone = ml_collections.ConfigDict()
+  c.backbone.name = 'mtt'  # mtt | dm | dc | dsa (backbones.REGISTRY)
+  # One sub-dict per backbone (c.mtt, c.dm, c.dc; DSA reads c.dc), each with
+  # its scalars and a `per_subset` dict of SeqMatch's per-subset tuples.
+  for key, defaults in backbones.default_configs().items():
+    c[key] = defaults
+
+  c.distill = ml_collections.ConfigDict()  # the loop, whatever the backbone
   c.distill.pix_init = 'real'  # real | noise
   c.distill.eval_every = 500
   c.distill.eval_models = 1  # models per in-run evaluation (val split)
   c.distill.eval_epochs = 300  # epochs per in-run evaluation
   c.distill.checkpoint_every = 100
-  c.distill.remat = True
-  c.distill.trajectories_per_step = 0  # 0 = number of devices
+  c.distill.trajectories_per_step = 0  # resources per step; 0 = number of devices
 
   c.seqmatch = ml_collections.ConfigDict()
-  c.seqmatch.num_subsets = 1  # K; 1 = plain backbone (MTT)
-  # Per-subset values (paper Table 4). Empty = the distill.* scalar for all.
-  c.seqmatch.subset_ipc = ()
-  c.seqmatch.max_start_epoch = ()
-  c.seqmatch.syn_steps = ()
-  c.seqmatch.expert_epochs = ()
-  c.seqmatch.lr_teacher = ()
-  c.seqmatch.iterations = ()
-  c.seqmatch.lr_img = ()
-  c.seqmatch.lr_lr = ()
-  c.seqmatch.compare_backbone = False  # also distil plain MTT (K=1) and compare
+  c.seqmatch.num_subsets = 1  # K; 1 = the plain backbone
+  c.seqmatch.subset_ipc = ()  # images per class of each subset; () = equal split
+  c.seqmatch.compare_backbone = False  # also distil the plain backbone (K=1)
 
   c.eval = ml_collections.ConfigDict()
+  c.eval.lr = 0.01  # protocol lr: baselines and backbones without a learned lr
   c.eval.num_models = 5
   c.eval.epochs = 1000
   c.eval.batch_size = 256
@@ -98,10 +90,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.parallel.num_processes = 0
   c.parallel.process_id = -1
   return c
-
-
-PER_SUBSET = ('subset_ipc', 'max_start_epoch', 'syn_steps', 'expert_epochs',
-              'lr_teacher', 'iterations', 'lr_img', 'lr_lr')
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -136,8 +124,8 @@ def table_config(dataset: str, arg: str | None, tables: dict[int, dict],
   """A dataset config: `base` settings, then the row of `tables` for `ipc`.
 
   Variant arguments: `ipc=N` picks the row (an ipc without a row uses the
-  nearest smaller one); `k=N` overrides the number of subsets (1 = plain MTT,
-  which also drops the per-subset lists).
+  nearest smaller one); `k=N` overrides the number of subsets (1 = the plain
+  backbone, which also drops the per-subset lists).
   """
   args = parse_arg(arg, ipc=10, k=0)
   c = base_config()
@@ -155,10 +143,13 @@ def table_config(dataset: str, arg: str | None, tables: dict[int, dict],
 
 
 def clear_subsets(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Makes `c` plain MTT in place: one subset, the distill.* scalars."""
+  """Makes `c` the plain backbone in place: one subset, every backbone's
+  scalars (its per-subset tuples emptied)."""
   c.seqmatch.num_subsets = 1
-  for name in PER_SUBSET:
-    c.seqmatch[name] = ()
+  c.seqmatch.subset_ipc = ()
+  for key in backbones.default_configs():
+    for name in c[key].per_subset:
+      c[key].per_subset[name] = ()
   return c
 
 
@@ -166,18 +157,18 @@ def clear_subsets(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 # following the MTT/SeqMatch CIFAR-10 rows (N 30, M 2, lr_img 100, lr_lr 1e-5,
 # lr_teacher 0.01; K 2 at ipc 10 with T+ {20,10}, K 3 at ipc 50), no ZCA.
 MNIST_LIKE_TABLES = {
-    1: {'distill.syn_steps': 50, 'distill.expert_epochs': 2,
-        'distill.max_start_epoch': 2, 'distill.lr_img': 100.0,
-        'distill.lr_lr': 1e-7, 'distill.lr_teacher': 0.01,
+    1: {'mtt.syn_steps': 50, 'mtt.expert_epochs': 2,
+        'mtt.max_start_epoch': 2, 'mtt.lr_img': 100.0,
+        'mtt.lr_lr': 1e-7, 'mtt.lr_teacher': 0.01,
         'seqmatch.num_subsets': 1},
-    10: {'distill.syn_steps': 30, 'distill.expert_epochs': 2,
-         'distill.max_start_epoch': 20, 'distill.lr_img': 100.0,
-         'distill.lr_lr': 1e-5, 'distill.lr_teacher': 0.01,
-         'seqmatch.num_subsets': 2, 'seqmatch.max_start_epoch': (20, 10)},
-    50: {'experts.staged_epochs': 50, 'distill.syn_steps': 30, 'distill.expert_epochs': 2,
-         'distill.max_start_epoch': 40, 'distill.lr_img': 100.0,
-         'distill.lr_lr': 1e-5, 'distill.lr_teacher': 0.01,
-         'seqmatch.num_subsets': 3, 'seqmatch.max_start_epoch': (20, 20, 10)},
+    10: {'mtt.syn_steps': 30, 'mtt.expert_epochs': 2,
+         'mtt.max_start_epoch': 20, 'mtt.lr_img': 100.0,
+         'mtt.lr_lr': 1e-5, 'mtt.lr_teacher': 0.01,
+         'seqmatch.num_subsets': 2, 'mtt.per_subset.max_start_epoch': (20, 10)},
+    50: {'experts.staged_epochs': 50, 'mtt.syn_steps': 30, 'mtt.expert_epochs': 2,
+         'mtt.max_start_epoch': 40, 'mtt.lr_img': 100.0,
+         'mtt.lr_lr': 1e-5, 'mtt.lr_teacher': 0.01,
+         'seqmatch.num_subsets': 3, 'mtt.per_subset.max_start_epoch': (20, 20, 10)},
 }
 
 
@@ -186,10 +177,10 @@ def imagenet_subset_config(name: str, arg: str | None,
   """ImageNet subsets at 128x128 (ConvNetD5), paper Table 4: K 2, N 20, M 2,
   batch_syn 20, lr_img 1e5, lr_lr 1e-6, lr_teacher 0.01, T+ {10,5}."""
   tables = {
-      10: {'distill.syn_steps': 20, 'distill.expert_epochs': 2,
-           'distill.max_start_epoch': 10, 'distill.lr_img': 1e5,
-           'distill.lr_lr': 1e-6, 'distill.lr_teacher': 0.01,
-           'distill.batch_syn': 20, 'seqmatch.num_subsets': 2,
-           'seqmatch.max_start_epoch': tuple(max_start_epoch)},
+      10: {'mtt.syn_steps': 20, 'mtt.expert_epochs': 2,
+           'mtt.max_start_epoch': 10, 'mtt.lr_img': 1e5,
+           'mtt.lr_lr': 1e-6, 'mtt.lr_teacher': 0.01,
+           'mtt.batch_syn': 20, 'seqmatch.num_subsets': 2,
+           'mtt.per_subset.max_start_epoch': tuple(max_start_epoch)},
   }
   return table_config(name, arg, tables, {'model.depth': 5})

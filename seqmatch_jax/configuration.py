@@ -28,7 +28,8 @@ def _positive(config, *keys: str, allow_zero: bool = False) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first problem found."""
-  from seqmatch_jax import augment, data, models, seqmatch  # pylint: disable=g-import-not-at-top
+  from seqmatch_jax import augment, data, models  # pylint: disable=g-import-not-at-top
+  from seqmatch_jax import backbones, seqmatch  # pylint: disable=g-import-not-at-top
   if config.mode not in MODES:
     raise ConfigError(f'mode must be one of {"|".join(MODES)}, got {config.mode!r}.')
   if not isinstance(config.ipc, int) or config.ipc < 1:
@@ -63,32 +64,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'augment.strategy: {e}') from e
   _positive(config, 'model.width', 'model.depth', 'experts.num', 'experts.epochs',
             'experts.lr', 'experts.batch_size', 'experts.staged_epochs',
-            'distill.iterations', 'distill.syn_steps', 'distill.expert_epochs',
-            'distill.max_start_epoch', 'distill.lr_img', 'distill.lr_lr',
-            'distill.lr_teacher', 'distill.min_syn_lr', 'distill.eval_models',
-            'distill.eval_epochs', 'eval.num_models', 'eval.epochs',
-            'eval.batch_size', 'eval.whole_epochs', 'seqmatch.num_subsets')
-  _positive(config, 'experts.momentum', 'experts.per_batch', 'distill.batch_syn',
+            'distill.eval_models', 'distill.eval_epochs', 'eval.lr',
+            'eval.num_models', 'eval.epochs', 'eval.batch_size', 'eval.whole_epochs',
+            'seqmatch.num_subsets')
+  _positive(config, 'experts.momentum', 'experts.per_batch',
             'distill.eval_every', 'distill.checkpoint_every', 'dataset.val_size',
             'distill.trajectories_per_step', 'eval.momentum', 'eval.weight_decay',
             'parallel.num_devices', allow_zero=True)
   if config.distill.pix_init not in ('real', 'noise'):
     raise ConfigError(f"distill.pix_init must be real|noise, got "
                       f"{config.distill.pix_init!r}.")
-  plans = seqmatch.subset_schedule(config)  # checks K, subset sizes, list lengths
-  for p in plans:
-    for name in ('iterations', 'syn_steps', 'expert_epochs', 'max_start_epoch',
-                 'lr_teacher', 'lr_img', 'lr_lr'):
-      if getattr(p, name) <= 0:
-        raise ConfigError(f'seqmatch.{name} of subset {p.index + 1} must be '
-                          f'positive, got {getattr(p, name)}.')
-    horizon = config.experts.epochs if p.index == 0 else config.experts.staged_epochs
-    which = 'experts.epochs' if p.index == 0 else 'experts.staged_epochs'
-    if p.max_start_epoch - 1 + p.expert_epochs > horizon:  # starts < max_start
-      raise ConfigError(
-          f'Subset {p.index + 1}: the last start epoch {p.max_start_epoch - 1} + '
-          f'expert_epochs {p.expert_epochs} exceeds {which}={horizon}; lower them '
-          f'or raise {which}.')
+  # The backbone checks its own settings, on the per-subset plans (which
+  # also checks K, the subset sizes and the per-subset tuples).
+  backbone = backbones.backbone_class(config.backbone.name)
+  backbone.validate(config, seqmatch.subset_plans(config))
   if config.mode == 'evaluate' and config.eval.synthetic:
     if not os.path.isfile(config.eval.synthetic):
       raise ConfigError(f'eval.synthetic={config.eval.synthetic!r} is not a file; '

@@ -1,4 +1,8 @@
-"""User-facing errors: raised for bad input, printed as one line by main (exit 2)."""
+"""Errors the program reports instead of tracebacks.
+
+`UserError` and its subclasses are bad input: main prints them as one line and
+exits with 2. `Interrupted` is a requested stop (state saved, exit 130).
+"""
 
 
 class UserError(Exception):
@@ -15,3 +19,11 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
   """Checkpoint missing, partial or corrupt."""
+
+
+class Diverged(UserError):
+  """The matching loss became NaN or inf."""
+
+
+class Interrupted(Exception):
+  """SIGTERM/SIGINT arrived; state was saved and the run can resume."""

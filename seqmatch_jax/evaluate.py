@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Sequence
 
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from seqmatch_jax import files
 from seqmatch_jax import parallel
 from seqmatch_jax import training
 from seqmatch_jax.errors import DataError
@@ -170,74 +170,14 @@ def random_real(x_train, y_train, ipc: int, num_classes: int, seed: int):
   return np.asarray(x_train)[idx], np.asarray(y_train)[idx]
 
 
-@dataclasses.dataclass(frozen=True)
-class SyntheticSet:
-  images: np.ndarray  # pixel space [0, 1], NHWC
-  labels: np.ndarray
-  lr: np.ndarray | None  # one per subset
-  subset: np.ndarray | None
-  images_model: np.ndarray | None
-  preprocessing: str | None = None  # tag of the preprocessing images_model used
-
-
-def load_synthetic(path: str, num_classes: int, image_shape) -> SyntheticSet:
-  """Reads and validates a saved set (ours or a user's npz)."""
-  if not os.path.exists(path):
-    raise DataError(f'Synthetic set {path} does not exist; pass '
-                    '--config.eval.synthetic=PATH/synthetic.npz.')
-  try:
-    with np.load(path, allow_pickle=False) as f:
-      data = {k: f[k] for k in f.files}
-  except Exception as e:
-    raise DataError(f'{path} is not a readable .npz file ({e}).') from e
-  for k in ('images', 'labels'):
-    if k not in data:
-      raise DataError(f'{path} lacks {k!r} (needs images (N,H,W,C) in [0,1] and '
-                      'integer labels (N,)).')
-  images = data['images']
-  labels = data['labels']
-  if images.ndim != 4 or tuple(images.shape[1:]) != tuple(image_shape):
-    raise DataError(f'{path}: images have shape {images.shape}, expected '
-                    f'(N, {", ".join(map(str, image_shape))}) for this dataset.')
-  if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-    raise DataError(f'{path}: labels must be integers of shape ({images.shape[0]},), '
-                    f'got {labels.dtype} {labels.shape}.')
-  if labels.min() < 0 or labels.max() >= num_classes:
-    raise DataError(f'{path}: labels must lie in [0, {num_classes - 1}], got '
-                    f'[{labels.min()}, {labels.max()}].')
-  if not np.all(np.isfinite(images)):
-    raise DataError(f'{path}: images contain NaN or inf.')
-  if images.dtype == np.uint8:
-    images = images.astype(np.float32) / 255.0
-  subset = data.get('subset')
-  if subset is not None and subset.shape != labels.shape:
-    raise DataError(f'{path}: subset must have shape {labels.shape}.')
-  lr = data.get('lr')
-  if lr is not None:
-    lr = np.atleast_1d(lr).astype(np.float32)
-    num_subsets = 1 if subset is None else int(subset.max()) + 1
-    if lr.shape[0] not in (1, num_subsets) or not np.all(lr > 0):
-      raise DataError(f'{path}: lr must be {num_subsets} positive values, got {lr}.')
-  if subset is not None and sorted(set(subset.tolist())) != list(
-      range(int(subset.max()) + 1)):
-    raise DataError(f'{path}: subset ids must be 0..K-1 without gaps, got '
-                    f'{sorted(set(subset.tolist()))}.')
-  model = data.get('images_model')
-  tag = data.get('preprocessing')
-  return SyntheticSet(images.astype(np.float32), labels.astype(np.int32), lr,
-                      None if subset is None else subset.astype(np.int32), model,
-                      None if tag is None else str(tag))
-
-
 def write_results(workdir: str, results: dict[str, Any]) -> None:
   """results.json and a Markdown table (mean ± std per row)."""
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=1, sort_keys=True)
+  files.write_json(os.path.join(workdir, 'results.json'), results, indent=1,
+                   sort_keys=True)
   lines = ['| set | architecture | accuracy (%) | per stage |', '|---|---|---|---|']
   for row_name, per_arch in results.get('rows', {}).items():
     for arch, r in per_arch.items():
       stages = ' → '.join(f"{s['mean']:.2f}" for s in r.get('stages', [])) \
           if len(r.get('stages', [])) > 1 else ''
       lines.append(f"| {row_name} | {arch} | {r['mean']:.2f} ± {r['std']:.2f} | {stages} |")
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
+  files.write_text(os.path.join(workdir, 'results.md'), '\n'.join(lines) + '\n')

@@ -18,8 +18,7 @@ from ml_collections import config_flags
 
 from seqmatch_jax import parallel
 from seqmatch_jax import pipeline
-from seqmatch_jax.distill import Interrupted
-from seqmatch_jax.errors import UserError
+from seqmatch_jax.errors import Interrupted, UserError
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(

@@ -21,15 +21,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from seqmatch_jax import backbones
 from seqmatch_jax import config_lib
 from seqmatch_jax import configuration
 from seqmatch_jax import data as data_lib
 from seqmatch_jax import evaluate as evaluate_lib
 from seqmatch_jax import experts as experts_lib
+from seqmatch_jax import files
 from seqmatch_jax import parallel
 from seqmatch_jax import seqmatch
+from seqmatch_jax import synthetic
 from seqmatch_jax import visualize
-from seqmatch_jax.distill import Interrupted
+from seqmatch_jax.errors import Interrupted
 from seqmatch_jax.models import create_network
 
 
@@ -119,10 +122,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   if not parallel.is_main_process():
     logging.set_verbosity(logging.WARNING)  # process 0 alone logs progress
   os.makedirs(workdir, exist_ok=True)
-  def write_config():
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=1, sort_keys=True))
-  parallel.main_only(write_config, 'config.json')
+  parallel.main_only(lambda: files.write_text(
+      os.path.join(workdir, 'config.json'),
+      config.to_json_best_effort(indent=1, sort_keys=True)), 'config.json')
   data = prepare_data(config, workdir)
   network = create_network(config.model.name, data.num_classes, data.image_shape,
                            width=config.model.width, depth=config.model.depth,
@@ -133,8 +135,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   results = None
   try:
     with stop.installed():
-      if config.mode in ('all', 'experts'):
+      needs_experts = backbones.backbone_class(config.backbone.name).needs_experts
+      if config.mode in ('all', 'experts') and needs_experts:
         train_real_experts(config, workdir, data, network, key, stop, writer)
+      elif config.mode == 'experts':
+        logging.info('backbone %s trains no experts: nothing to do',
+                     config.backbone.name)
       if config.mode in ('all', 'distill'):
         distill(config, workdir, data, network, key, stop, writer)
       if config.mode in ('all', 'evaluate'):
@@ -171,7 +177,7 @@ def _context(config, workdir, data, network, key, stop, writer, mesh, tag=''):
   def on_eval(k, images_model, it):
     if not parallel.is_main_process():
       return
-    sizes = [p.ipc for p in seqmatch.subset_schedule(config)][:k + 1]
+    sizes = [p.ipc for p in seqmatch.subset_plans(config)][:k + 1]
     labels, _ = seqmatch.subset_layout(sizes, data.num_classes)
     path = os.path.join(workdir, tag, 'images', f'subset{k + 1}_it{it:06d}.png')
     try:  # a progress picture is not worth stopping (or desynchronising) a run
@@ -190,16 +196,23 @@ def _context(config, workdir, data, network, key, stop, writer, mesh, tag=''):
       progress=parallel.is_main_process())
 
 
-def backbone_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The same run as plain MTT: one subset, the distill.* scalars."""
+def plain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The same run with the plain backbone: one subset, its scalar settings."""
   return config_lib.clear_subsets(ml_collections.ConfigDict(config.to_dict()))
+
+
+def set_names(config) -> tuple[str, str]:
+  """(this run's set, the plain-backbone comparison), as results name them."""
+  title = backbones.backbone_class(config.backbone.name).title
+  k = config.seqmatch.num_subsets
+  return (f'SeqMatch-{title} (K={k})' if k > 1 else title), title
 
 
 def distill(config, workdir, data, network, key, stop, writer):
   mesh = parallel.make_mesh(config.parallel.num_devices)
   runs = [('', config)]
   if config.seqmatch.compare_backbone and config.seqmatch.num_subsets > 1:
-    runs.append(('mtt', backbone_config(config)))
+    runs.append((config.backbone.name, plain_config(config)))
   for tag, cfg in runs:
     out = os.path.join(workdir, tag, 'synthetic.npz')
     if parallel.agree(os.path.exists(out)):
@@ -208,45 +221,12 @@ def distill(config, workdir, data, network, key, stop, writer):
     syn = seqmatch.distill_all(_context(cfg, workdir, data, network, key, stop,
                                         writer, mesh, tag), tag=tag)
     def write(out=out, syn=syn, cfg=cfg):
-      save_synthetic(out, syn, data, cfg)
+      synthetic.save(out, syn, data.preprocessor, cfg)
       visualize.save_grid(out.replace('.npz', '.png'),
                           data.preprocessor.to_pixels(syn.images), syn.labels,
                           data.num_classes)
       logging.info('wrote %s (%d images, lr %s)', out, len(syn.labels), syn.lrs)
     parallel.main_only(write, f'synthetic set {out}')
-
-
-def save_synthetic(path: str, syn: seqmatch.SyntheticSet, data: PreparedData,
-                   config) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  pixels = np.clip(np.asarray(data.preprocessor.to_pixels(syn.images)), 0.0, 1.0)
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, images=pixels.astype(np.float32),
-           images_model=np.asarray(syn.images, np.float32),
-           labels=syn.labels, subset=syn.subset,
-           lr=np.asarray(syn.lrs, np.float32),
-           config=np.asarray(config.to_json_best_effort(sort_keys=True)),
-           preprocessing=np.asarray(preprocessing_tag(config)))
-  os.replace(tmp, path)
-
-
-def preprocessing_tag(config) -> str:
-  """What model space means for a saved set: same tag, same preprocessing."""
-  return json.dumps(dict(dataset=config.dataset.name, zca=bool(config.dataset.zca),
-                         val_size=config.dataset.val_size, seed=config.seed),
-                    sort_keys=True)
-
-
-def _model_space(syn: evaluate_lib.SyntheticSet, data: PreparedData, path: str,
-                 config) -> np.ndarray:
-  """The file's exact model-space images when they were made with this config's
-  preprocessing; otherwise its pixels converted with this config's."""
-  if (syn.images_model is not None and syn.images_model.shape == syn.images.shape
-      and syn.preprocessing == preprocessing_tag(config)):
-    return syn.images_model
-  logging.info('%s: converting its pixel images with this config\'s preprocessing',
-               path)
-  return np.asarray(data.preprocessor.to_model(syn.images))
 
 
 def evaluate(config, workdir, data: PreparedData, key) -> dict:
@@ -257,17 +237,17 @@ def evaluate(config, workdir, data: PreparedData, key) -> dict:
   if config.eval.synthetic:
     sets.append(('synthetic', config.eval.synthetic))
   else:
-    k = config.seqmatch.num_subsets
-    sets.append((f'SeqMatch-MTT (K={k})' if k > 1 else 'MTT',
-                 os.path.join(workdir, 'synthetic.npz')))
-    mtt = os.path.join(workdir, 'mtt', 'synthetic.npz')
-    if config.seqmatch.compare_backbone and k > 1:
-      sets.append(('MTT', mtt))
+    name, plain = set_names(config)
+    sets.append((name, os.path.join(workdir, 'synthetic.npz')))
+    if config.seqmatch.compare_backbone and config.seqmatch.num_subsets > 1:
+      sets.append((plain, os.path.join(workdir, config.backbone.name,
+                                       'synthetic.npz')))
   rows: dict[str, dict] = {}
   for name, path in sets:
-    syn = evaluate_lib.load_synthetic(path, data.num_classes, data.image_shape)
-    images = _model_space(syn, data, path, config)
-    lr = syn.lr if syn.lr is not None else np.float32(config.distill.lr_teacher)
+    syn = synthetic.load(path, data.num_classes, data.image_shape,
+                         data.preprocessor, config)
+    images = syn.images
+    lr = syn.lrs if syn.lrs is not None else np.float32(config.eval.lr)
     rows[name] = {}
     for arch in config.eval.architectures:
       r = evaluate_lib.evaluate_synthetic(
@@ -288,7 +268,7 @@ def evaluate(config, workdir, data: PreparedData, key) -> dict:
     rows[name] = {}
     for arch in config.eval.architectures:
       r = evaluate_lib.evaluate_synthetic(
-          x, y, config.distill.lr_teacher, config, eval_key, x_eval=data.x_test,
+          x, y, config.eval.lr, config, eval_key, x_eval=data.x_test,
           y_eval=data.y_test, num_classes=data.num_classes, architecture=arch,
           epochs=epochs, mesh=mesh)
       rows[name][arch] = r

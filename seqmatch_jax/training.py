@@ -32,6 +32,7 @@ class SGDSpec:
   weight_decay: float = 0.0
   augment: str = ''  # DSA strategy; '' = none
   decay_at_half: bool = False  # lr x0.1 (and momentum reset) at epochs // 2
+  align_corners: bool = True  # DSA's affine sampling (MTT: True, DC/DM: False)
 
   def transform(self) -> optax.GradientTransformation:
     """Weight decay then momentum; the lr is applied by the caller (traced)."""
@@ -94,7 +95,8 @@ def run_epoch(network: Network, spec: SGDSpec, params: Params, state: State,
     i, m, k = inputs
     x = images[i]
     if spec.augment:
-      x = augment_lib.augment(k, x, spec.augment)
+      x = augment_lib.augment(k, x, spec.augment,
+                              augment_lib.DSAParams(align_corners=spec.align_corners))
     (loss, state), grads = grad_fn(params, state, x, labels[i], m)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = jax.tree.map(lambda p, u: p - lr * u, params, updates)

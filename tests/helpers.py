@@ -25,3 +25,18 @@ def tiny_convnet(width: int = 8, depth: int = 2, image_shape=(8, 8, 1),
                  num_classes: int = 10, conv_impl: str = 'auto'):
   return create_network('convnet', num_classes, image_shape, width=width,
                         depth=depth, norm='instance', conv_impl=conv_impl)
+
+
+def mtt_plan(network, augment: str = 'flip', index: int = 0, ipc: int = 2,
+             **settings):
+  """(MTT backbone, its SubsetPlan) from the reference defaults plus
+  `settings` (e.g. syn_steps=2, lr_img=10.0, batch_syn=4)."""
+  from seqmatch_jax import backbones, config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.base_config()
+  config.augment.strategy = augment
+  values = dict(config.mtt.to_dict(), **settings)
+  values.pop('per_subset')
+  iterations, lr_img = values.pop('iterations'), values.pop('lr_img')
+  plan = backbones.SubsetPlan(index=index, ipc=ipc, ipc_before=0,
+                              iterations=iterations, lr_img=lr_img, settings=values)
+  return backbones.create(config, network), plan

@@ -26,26 +26,26 @@ def _load(path):
 def test_every_config_validates(path, arg):
   config = _load(path).get_config(arg)
   configuration.validate(config)
-  plans = seqmatch.subset_schedule(config)
+  plans = seqmatch.subset_plans(config)
   assert sum(p.ipc for p in plans) == config.ipc
 
 
 def test_table4_cifar10_ipc10():
   c = _load(os.path.join(ROOT, 'configs', 'cifar10.py')).get_config('ipc=10')
-  plans = seqmatch.subset_schedule(c)
+  plans = seqmatch.subset_plans(c)
   assert [(p.ipc, p.max_start_epoch, p.syn_steps, p.expert_epochs) for p in plans] \
       == [(5, 20, 30, 2), (5, 10, 80, 3)]
-  assert c.distill.lr_teacher == 0.001 and c.dataset.zca
+  assert c.mtt.lr_teacher == 0.001 and c.dataset.zca
 
 
 def test_table4_cifar100_ipc50_and_imagefruit():
   c = _load(os.path.join(ROOT, 'configs', 'cifar100.py')).get_config('ipc=50')
-  plans = seqmatch.subset_schedule(c)
+  plans = seqmatch.subset_plans(c)
   assert [p.ipc for p in plans] == [17, 17, 16]
   assert [p.max_start_epoch for p in plans] == [40, 20, 20]
-  assert {p.syn_steps for p in plans} == {80} and c.distill.batch_syn == 125
+  assert {p.syn_steps for p in plans} == {80} and c.mtt.batch_syn == 125
   f = _load(os.path.join(ROOT, 'configs', 'imagefruit.py')).get_config()
-  assert tuple(f.seqmatch.max_start_epoch) == (10, 10) and f.model.depth == 5
+  assert tuple(f.mtt.per_subset.max_start_epoch) == (10, 10) and f.model.depth == 5
 
 
 def test_variant_argument_errors():
@@ -54,7 +54,7 @@ def test_variant_argument_errors():
 
 
 @pytest.mark.parametrize('key, value, match', [
-    ('ipc', 0, 'ipc'), ('mode', 'train', 'mode'), ('distill.lr_lr', 0.0, 'lr_lr'),
+    ('ipc', 0, 'ipc'), ('mode', 'train', 'mode'), ('mtt.lr_lr', 0.0, 'lr_lr'),
     ('model.norm', 'group', 'norm'), ('experts.epochs', 5, 'exceeds'),
     ('augment.strategy', 'color_blur', 'blur'), ('eval.baselines', ('x',), 'baseline'),
 ])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from seqmatch_jax import evaluate
+from seqmatch_jax import evaluate, synthetic
 from seqmatch_jax.errors import DataError
 from tests import helpers
 
@@ -76,14 +76,14 @@ def test_malformed_npz(tmp_path, bad, match):
   path = tmp_path / 'bad.npz'
   np.savez(path, **bad)
   with pytest.raises(DataError, match=match):
-    evaluate.load_synthetic(str(path), 10, (8, 8, 1))
+    synthetic.load(str(path), 10, (8, 8, 1))
 
 
 def test_not_an_npz(tmp_path):
   path = tmp_path / 'x.npz'
   path.write_text('hello')
   with pytest.raises(DataError, match='not a readable'):
-    evaluate.load_synthetic(str(path), 10, (8, 8, 1))
+    synthetic.load(str(path), 10, (8, 8, 1))
 
 
 def test_subset_ids_with_gaps(tmp_path):
@@ -91,4 +91,4 @@ def test_subset_ids_with_gaps(tmp_path):
   np.savez(path, images=np.zeros((4, 8, 8, 1)), labels=np.arange(4),
            subset=np.array([0, 0, 2, 2]))
   with pytest.raises(DataError, match='without gaps'):
-    evaluate.load_synthetic(str(path), 10, (8, 8, 1))
+    synthetic.load(str(path), 10, (8, 8, 1))

@@ -14,10 +14,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config.model.width=8', '--config.model.depth=2', '--config.ipc=2',
         '--config.experts.num=2', '--config.experts.epochs=3',
-        '--config.experts.staged_epochs=2', '--config.distill.syn_steps=3',
-        '--config.distill.expert_epochs=1', '--config.distill.max_start_epoch=1',
-        '--config.seqmatch.max_start_epoch=()', '--config.seqmatch.iterations=(3,3)',
-        '--config.distill.iterations=4', '--config.distill.eval_every=3',
+        '--config.experts.staged_epochs=2', '--config.mtt.syn_steps=3',
+        '--config.mtt.expert_epochs=1', '--config.mtt.max_start_epoch=1',
+        '--config.mtt.per_subset.max_start_epoch=()', '--config.mtt.per_subset.iterations=(3,3)',
+        '--config.mtt.iterations=4', '--config.distill.eval_every=3',
         '--config.distill.eval_epochs=3', '--config.eval.epochs=5',
         '--config.eval.num_models=2', '--config.eval.whole_epochs=1',
         '--config.augment.strategy=flip', '--config.dataset.val_size=50']
@@ -42,7 +42,7 @@ def test_help():
     (['--config=configs/digits.py', '--config.no_such_key=1'], 'no_such_key'),
     (['--config=configs/digits.py', '--config.dataset.name=imagenet9'], 'imagenet9'),
     (['--config=configs/digits.py', '--config.model.name=vit'], 'vit'),
-    (['--config=configs/digits.py', '--config.distill.lr_img=-1'], 'lr_img'),
+    (['--config=configs/digits.py', '--config.mtt.lr_img=-1'], 'lr_img'),
     (['--config=configs/digits.py', '--config.seqmatch.num_subsets=11'], 'exceeds'),
     (['--config=configs/nope.py'], 'nope'),
     (['--config=configs/digits.py', '--config.parallel.coordinator_address=localhost:1',

@@ -75,16 +75,16 @@ def test_remat_on_and_off_agree(augment):
 
 def test_distill_step_traces_once():
   net, params, target, images, labels = _problem(jax.random.key(5))
-  plan = distill.SubsetPlan(index=0, ipc=2, iterations=3, syn_steps=2,
-                            expert_epochs=1, max_start_epoch=1, lr_teacher=0.01,
-                            lr_img=10.0, lr_lr=1e-5, batch_syn=0)
-  step = distill.make_distill_step(net, plan, augment='flip', remat=True,
-                                   batch_syn=4)
-  state = distill.init_state(images, plan, jax.random.key(0))
+  backbone, plan = helpers.mtt_plan(net, 'flip', iterations=3, syn_steps=2,
+                                    expert_epochs=1, max_start_epoch=1,
+                                    lr_img=10.0, batch_syn=4)
+  step = distill.make_distill_step(backbone, plan, trajectories=1)
+  state = distill.init_state(backbone, plan, images, jax.random.key(0))
   stack = lambda t: jax.tree.map(lambda x: x[None], t)
   for i in range(3):
     shifted = jax.tree.map(lambda x, i=i: x + 0.01 * i, target)
-    state, metrics = step(state, images[:0], labels, stack(params), stack(shifted))
+    state, metrics = step(state, images[:0], labels,
+                          (stack(params), stack(shifted)), None)
     assert np.isfinite(float(metrics['loss']))
   assert step._cache_size() == 1
   assert int(state.iteration) == 3
@@ -93,17 +93,17 @@ def test_distill_step_traces_once():
 def test_donated_step_survives_best_set_updates():
   """The state is donated on accelerators; best_* must never alias images."""
   net, params, target, images, labels = _problem(jax.random.key(6))
-  plan = distill.SubsetPlan(index=0, ipc=2, iterations=3, syn_steps=2,
-                            expert_epochs=1, max_start_epoch=1, lr_teacher=0.01,
-                            lr_img=10.0, lr_lr=1e-5, batch_syn=0)
-  step = distill.make_distill_step(net, plan, augment='', remat=True, batch_syn=4,
-                                   donate=True)
+  backbone, plan = helpers.mtt_plan(net, '', iterations=3, syn_steps=2,
+                                    expert_epochs=1, max_start_epoch=1,
+                                    lr_img=10.0, batch_syn=4)
+  step = distill.make_distill_step(backbone, plan, trajectories=1, donate=True)
   stack = lambda t: jax.tree.map(lambda x: x[None], t)
-  state = distill.init_state(jnp.array(images), plan, jax.random.key(0))
-  state, _ = step(state, images[:0], labels, stack(params), stack(target))
-  state = distill._evaluate(state, lambda imgs, lr, it: 0.5, images[:0], None, 1,
-                            plan, None, 'distill')
+  state = distill.init_state(backbone, plan, jnp.array(images), jax.random.key(0))
+  state, _ = step(state, images[:0], labels, (stack(params), stack(target)), None)
+  state = distill._evaluate(backbone, state, lambda imgs, lr, it: 0.5, images[:0],
+                            None, 1, plan, None, 'distill')
   assert float(state.best_score) == 0.5
-  state, metrics = step(state, images[:0], labels, stack(params), stack(target))
+  state, metrics = step(state, images[:0], labels, (stack(params), stack(target)),
+                        None)
   assert np.isfinite(float(metrics['loss'])) and int(state.iteration) == 2
   assert np.all(np.isfinite(np.asarray(state.best_images)))

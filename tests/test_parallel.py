@@ -20,20 +20,20 @@ def test_distill_step_on_4_devices_is_the_mean_of_4_meta_gradients():
   targets = jax.tree.map(lambda p: p * 1.05 + 0.01, starts)
   images = jax.random.normal(jax.random.key(1), (10, 8, 8, 1))
   labels = jnp.arange(10)
-  plan = distill.SubsetPlan(index=0, ipc=1, iterations=1, syn_steps=2,
-                            expert_epochs=1, max_start_epoch=1, lr_teacher=0.05,
-                            lr_img=100.0, lr_lr=1e-5, batch_syn=0)
+  backbone, plan = helpers.mtt_plan(net, 'flip', ipc=1, iterations=1,
+                                    syn_steps=2, expert_epochs=1,
+                                    max_start_epoch=1, lr_teacher=0.05,
+                                    lr_img=100.0, batch_syn=10)
   mesh = parallel.make_mesh(4)
-  step = distill.make_distill_step(net, plan, augment='flip', remat=True,
-                                   batch_syn=10, mesh=mesh)
-  state = distill.init_state(images, plan, jax.random.key(2))
-  new, metrics = step(state, images[:0], labels, starts, targets)
+  step = distill.make_distill_step(backbone, plan, trajectories=4, mesh=mesh)
+  state = distill.init_state(backbone, plan, images, jax.random.key(2))
+  new, metrics = step(state, images[:0], labels, (starts, targets), None)
   # Reference: the four meta-gradients one by one on one device, averaged.
   grad = matching.meta_gradient(net, num_steps=2, batch_size=10, augment='flip',
                                 remat=True)
   key = jax.random.fold_in(jax.random.wrap_key_data(state.key), 0)
   tkeys = jax.random.split(key, 4)
-  outs = [grad(images, state.syn_lr, images[:0], labels,
+  outs = [grad(images, state.extras['syn_lr'], images[:0], labels,
                jax.tree.map(lambda a, i=i: a[i], starts),
                jax.tree.map(lambda a, i=i: a[i], targets), tkeys[i])
           for i in range(4)]

@@ -9,6 +9,8 @@ import pytest
 
 from configs import digits
 from seqmatch_jax import distill, evaluate, experts, matching, seqmatch
+from seqmatch_jax import backbones
+from seqmatch_jax.backbones import mtt
 from seqmatch_jax.errors import ConfigError
 from tests import helpers
 
@@ -26,14 +28,14 @@ def test_subset_sizes():
 
 def test_schedule_takes_per_subset_lists():
   c = digits.get_config()
-  c.seqmatch.syn_steps = (30, 80)
-  plans = seqmatch.subset_schedule(c)
+  c.mtt.per_subset.syn_steps = (30, 80)
+  plans = seqmatch.subset_plans(c)
   assert [p.syn_steps for p in plans] == [30, 80]
   assert [p.max_start_epoch for p in plans] == [8, 5]
   assert [p.ipc for p in plans] == [5, 5]
-  c.seqmatch.lr_teacher = (0.1, 0.2, 0.3)
+  c.mtt.per_subset.lr_teacher = (0.1, 0.2, 0.3)
   with pytest.raises(ConfigError, match='3 entries for 2 subsets'):
-    seqmatch.subset_schedule(c)
+    seqmatch.subset_plans(c)
 
 
 def test_layout_and_initial_images():
@@ -90,16 +92,16 @@ def _tiny_config(k):
   c.experts.epochs = 3
   c.experts.staged_epochs = 2
   c.experts.lr = 0.05
-  c.distill.iterations = 4
-  c.distill.syn_steps = 3
-  c.distill.expert_epochs = 1
-  c.distill.max_start_epoch = 1
-  c.distill.lr_img = 10.0
-  c.distill.lr_teacher = 0.05
+  c.mtt.iterations = 4
+  c.mtt.syn_steps = 3
+  c.mtt.expert_epochs = 1
+  c.mtt.max_start_epoch = 1
+  c.mtt.lr_img = 10.0
+  c.mtt.lr_teacher = 0.05
   c.distill.checkpoint_every = 2
   c.eval.epochs = 4
-  c.seqmatch.iterations = ()
-  c.seqmatch.max_start_epoch = ()
+  c.mtt.per_subset.iterations = ()
+  c.mtt.per_subset.max_start_epoch = ()
   return c
 
 
@@ -107,19 +109,21 @@ def test_k1_is_plain_mtt_bit_for_bit(tmp_path):
   c = _tiny_config(1)
   ctx = _ctx(tmp_path, c)
   syn = seqmatch.distill_all(ctx)
-  plan = seqmatch.subset_schedule(c)[0]
+  plan = seqmatch.subset_plans(c)[0]
   labels, _ = seqmatch.subset_layout([2], 10)
   init = seqmatch.initial_images(jax.random.fold_in(ctx.key, 1), ctx.x_train,
                                  ctx.y_train, [2], 10, 'real')
+  backbone = backbones.create(c, ctx.network)
   state = distill.distill_subset(
-      network=ctx.network, plan=plan, store=experts.TrajectoryStore(ctx.experts_dir),
+      backbone, plan, mtt.ExpertWindows(experts.TrajectoryStore(ctx.experts_dir),
+                                        plan, c.seed),
       init_images=jnp.asarray(init), labels=jnp.asarray(labels),
       frozen=jnp.asarray(init[:0]), frozen_labels=jnp.asarray(labels[:0]),
-      key=jax.random.fold_in(ctx.key, 100), seed=c.seed,
-      ckpt_dir=str(tmp_path / 'plain'), augment='flip', remat=True,
-      checkpoint_every=2, eval_every=0, evaluate_fn=None, progress=False)
+      key=jax.random.fold_in(ctx.key, 100),
+      options=distill.LoopOptions(ckpt_dir=str(tmp_path / 'plain'), seed=c.seed,
+                                  checkpoint_every=2, progress=False))
   np.testing.assert_array_equal(syn.images, np.asarray(state.images))
-  assert syn.lrs == [float(state.syn_lr)]
+  assert list(syn.lrs) == [float(state.extras['syn_lr'])]
 
 
 def test_two_subsets_freeze_the_first_and_use_staged_experts(tmp_path):
@@ -135,7 +139,7 @@ def test_two_subsets_freeze_the_first_and_use_staged_experts(tmp_path):
   assert store.epochs == 2 and store.experts() == [0, 1]
   protocol = evaluate.protocol_from_config(c)
   stages = evaluate.stage_sets(first, syn.labels[:10], syn.subset[:10])
-  init_fn = seqmatch.staged_init_fn(ctx.network, protocol, stages, syn.lrs[:1])
+  init_fn = mtt.staged_init_fn(ctx.network, protocol, stages, syn.lrs[:1])
   key = experts._init_key(jax.random.fold_in(ctx.key, 201), 1)
   expected, _ = init_fn(1, key)
   for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(store.load(1, 0))):

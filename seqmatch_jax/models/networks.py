@@ -143,7 +143,8 @@ class ConvNet(nn.Module):
   conv_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               embed: bool = False) -> jax.Array:
     if self.image_shape is not None and tuple(x.shape[1:]) != tuple(
         self.image_shape):
       raise ValueError(
@@ -156,7 +157,10 @@ class ConvNet(nn.Module):
       x = _normalize(x, self.norm, train, f'norm{d}')
       x = nn.relu(x)
       x = avg_pool2x2(x)
-    return Dense(self.num_classes, name='classifier')(_flatten(x))
+    x = _flatten(x)
+    if embed:  # DM's embedding: the features the classifier reads
+      return x
+    return Dense(self.num_classes, name='classifier')(x)
 
 
 class BasicBlock(nn.Module):
@@ -190,7 +194,8 @@ class ResNet18(nn.Module):
   conv_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               embed: bool = False) -> jax.Array:
     x = Conv(64, 3, padding=1, use_bias=False, impl=self.conv_impl,
              name='stem_conv')(x)
     x = nn.relu(_normalize(x, self.norm, train, 'stem_norm'))
@@ -200,6 +205,8 @@ class ResNet18(nn.Module):
         x = BasicBlock(features, stride, self.norm, self.conv_impl,
                        name=f'layer{stage + 1}_{block}')(x, train)
     x = jnp.mean(x, axis=(1, 2))
+    if embed:
+      return x
     return Dense(self.num_classes, name='classifier')(x)
 
 
@@ -210,7 +217,8 @@ class VGG11(nn.Module):
   conv_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               embed: bool = False) -> jax.Array:
     conv_index = 0
     for item in _VGG11_CFG:
       if item == 'M':
@@ -221,7 +229,10 @@ class VGG11(nn.Module):
                name=f'conv{conv_index}')(x)
       x = nn.relu(_normalize(x, self.norm, train, f'norm{conv_index}'))
       conv_index += 1
-    return Dense(self.num_classes, name='classifier')(_flatten(x))
+    x = _flatten(x)
+    if embed:  # DM's embedding: the features the classifier reads
+      return x
+    return Dense(self.num_classes, name='classifier')(x)
 
 
 class AlexNet(nn.Module):
@@ -231,7 +242,8 @@ class AlexNet(nn.Module):
   conv_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               embed: bool = False) -> jax.Array:
     # (features, kernel, padding, pool after); the first conv pads 4 on 28x28.
     layers = ((128, 5, _first_padding(x, 2, 4), True), (192, 5, 2, True),
               (256, 3, 1, False), (192, 3, 1, False), (192, 3, 1, True))
@@ -241,7 +253,10 @@ class AlexNet(nn.Module):
       x = nn.relu(_normalize(x, self.norm, train, f'norm{i}'))
       if pool:
         x = max_pool2x2(x)
-    return Dense(self.num_classes, name='classifier')(_flatten(x))
+    x = _flatten(x)
+    if embed:  # DM's embedding: the features the classifier reads
+      return x
+    return Dense(self.num_classes, name='classifier')(x)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -290,6 +305,12 @@ class Network:
           variables, x, train=True, mutable=list(state.keys()))
       return logits, dict(new_state)
     return self.module.apply(variables, x, train=train), state
+
+  def embed(self, params: Params, state: State, x: jax.Array) -> jax.Array:
+    """The flattened features before the classifier (DM's `net.embed`), in
+    eval mode: BatchNorm uses its running statistics."""
+    return self.module.apply({'params': params, **state}, x, train=False,
+                             embed=True)
 
 
 def create_network(name: str, num_classes: int,

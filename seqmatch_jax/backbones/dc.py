@@ -1,0 +1,155 @@
+"""DC (Zhao et al., ICLR 2021) and DSA (Zhao & Bilen, ICML 2021): gradient
+matching, as backbones.
+
+Each iteration starts a fresh random network. `outer_loop` times: per class,
+the gradient of the cross-entropy on a real batch (detached) and on the
+class's synthetic images are compared with the "sum over output channels of
+1 - cosine" distance on every conv and fc weight (biases and norm parameters
+skipped); the images take one SGD(0.1, momentum 0.5) step on the loss summed
+over classes; then, except after the last, the network trains `inner_loop`
+epochs on the synthetic set (BACKBONES.md section 4). DSA is the same with
+one siamese DSA transform per class shared by the real and synthetic batch
+(and per-sample DSA while the network trains). Under SeqMatch the frozen
+earlier subsets are part of every synthetic gradient and of the network's
+training set.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from seqmatch_jax import augment as augment_lib
+from seqmatch_jax import training
+from seqmatch_jax.backbones import base
+from seqmatch_jax.errors import ConfigError
+
+# DC/DM's DSA: torch's affine_grid default (align_corners=False).
+DSA_PARAMS = augment_lib.DSAParams(align_corners=False)
+
+# The official (outer_loop, inner_loop) per ipc (`get_loops`).
+LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15),
+         50: (50, 10)}
+
+
+def official_loops(ipc: int) -> tuple[int, int]:
+  """`get_loops` for the official ipcs; others take the row of the largest
+  official ipc not above them (the official code refuses them)."""
+  return LOOPS[max(i for i in LOOPS if i <= max(ipc, 1))]
+
+
+def _rows(w: jax.Array) -> jax.Array:
+  """A conv (kh, kw, in, out) or dense (in, out) kernel as one row per output
+  channel (the official code's (O, I*kh*kw) view)."""
+  return jnp.moveaxis(w, -1, 0).reshape(w.shape[-1], -1)
+
+
+def _norm(x: jax.Array) -> jax.Array:
+  """Row norms with a zero (not NaN) gradient at a zero row, as torch's."""
+  sq = jnp.sum(jnp.square(x), -1)
+  safe = jnp.where(sq > 0, sq, 1.0)
+  return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
+
+
+def gradient_distance(g_real, g_syn) -> jax.Array:
+  """Σ over weight tensors Σ over output channels (1 - cos): DC's 'ours'
+  distance; 1-D tensors (biases, norm scales and offsets) count zero."""
+  total = jnp.zeros((), jnp.float32)
+  for a, b in zip(jax.tree.leaves(g_real), jax.tree.leaves(g_syn)):
+    if a.ndim < 2:
+      continue
+    a, b = _rows(a), _rows(b)
+    cos = jnp.sum(a * b, -1) / (_norm(a) * _norm(b) + 1e-6)
+    total = total + jnp.sum(1.0 - cos)
+  return total
+
+
+class DC(base.Backbone):
+  name = 'dc'
+  title = 'DC'
+  config_key = 'dc'  # DSA shares it
+  per_subset = ('iterations', 'lr_img', 'outer_loop', 'inner_loop')
+  has_net_update = True
+  siamese = False
+
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    """The official DC/DSA defaults."""
+    c = ml_collections.ConfigDict()
+    c.iterations = 1000
+    c.lr_img = 0.1
+    c.batch_real = 256  # real images per class per match
+    c.outer_loop = 0  # 0 = the official table for the run's ipc
+    c.inner_loop = 0  # 0 = the official table for the run's ipc
+    c.lr_net = 0.01  # SGD, no momentum, on the synthetic set
+    c.batch_train = 256
+    c.per_subset = ml_collections.ConfigDict({n: () for n in cls.per_subset})
+    return c
+
+  @classmethod
+  def validate(cls, config, plans) -> None:
+    super().validate(config, plans)
+    for p in plans:
+      for name in ('outer_loop', 'inner_loop'):
+        if getattr(p, name) < 0:
+          raise ConfigError(f'dc.{name} of subset {p.index + 1} must be >= 0 '
+                            f'(0 = the official table), got {getattr(p, name)}.')
+    for name in ('batch_real', 'batch_train', 'lr_net'):
+      if config.dc[name] <= 0:
+        raise ConfigError(f'dc.{name} must be positive, got {config.dc[name]}.')
+
+  def loops(self, plan) -> tuple[int, int]:
+    outer, inner = official_loops(self.config.ipc)
+    return plan.outer_loop or outer, plan.inner_loop or inner
+
+  def matches(self, plan) -> int:
+    return self.loops(plan)[0]
+
+  def prepare(self, ctx, plan, done):
+    labels = jnp.concatenate([jnp.asarray(done.labels, jnp.int32),
+                              jnp.repeat(jnp.arange(ctx.num_classes), plan.ipc)])
+    return base.RealImagesByClass(ctx.x_train, ctx.y_train, labels, ctx.num_classes)
+
+  def init_inner(self, plan, resource, key, data):
+    return self.network.init(key)  # a fresh random network per iteration
+
+  def loss(self, plan, images, labels, extras, inner, key, data, class_index=None):
+    params, state = inner
+    real_key, aug_key = jax.random.split(key)
+    real, mask = base.sample_class_batches(real_key, data, plan.batch_real)
+    syn = base.synthetic_by_class(images, data)
+    aug_keys = jax.random.split(aug_key, real.shape[0])
+    strategy = self.config.augment.strategy
+
+    def grads(x, y, m):
+      return jax.grad(lambda p: training.masked_loss(
+          self.network, p, state, x, y, m)[0])(params)
+
+    def one_class(c):
+      r, s = real[c], syn[c]
+      if self.siamese:
+        r, s = augment_lib.augment_shared(aug_keys[c], (r, s), strategy, DSA_PARAMS)
+      g_real = jax.lax.stop_gradient(grads(r, jnp.full(r.shape[:1], c), mask[c]))
+      g_syn = grads(s, jnp.full(s.shape[:1], c), jnp.ones(s.shape[:1]))
+      return gradient_distance(g_real, g_syn)
+
+    if class_index is not None:
+      return one_class(class_index)
+    return jnp.sum(jax.lax.map(one_class, jnp.arange(real.shape[0])))
+
+  def net_update(self, plan, inner, images, labels, key, data):
+    params, state = inner
+    spec = training.SGDSpec(batch_size=self.config.dc.batch_train,
+                            augment=self.config.augment.strategy if self.siamese else '',
+                            align_corners=False)
+    return training.train_schedule(self.network, spec, params, state, images,
+                                   labels, key, self.config.dc.lr_net,
+                                   self.loops(plan)[1])
+
+
+class DSA(DC):
+  """DC with siamese differentiable augmentation."""
+  name = 'dsa'
+  title = 'DSA'
+  siamese = True

@@ -1,0 +1,74 @@
+"""DM: distribution matching (Zhao & Bilen, WACV 2023) as a backbone.
+
+Each iteration draws a fresh random network (never trained, no gradient to
+it) and matches, per class, the mean embedding (the flattened features the
+classifier would read) of a real batch and of the class's synthetic images,
+both under one siamese DSA transform; the loss is the squared distance summed
+over classes and the images take one SGD(1.0, momentum 0.5) step on it
+(BACKBONES.md section 5). Under SeqMatch the frozen earlier subsets are part
+of every class mean; nothing else changes between subsets.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from seqmatch_jax import augment as augment_lib
+from seqmatch_jax.backbones import base
+from seqmatch_jax.errors import ConfigError
+
+# DC/DM's DSA: torch's affine_grid default (align_corners=False).
+DSA = augment_lib.DSAParams(align_corners=False)
+
+
+class DM(base.Backbone):
+  name = 'dm'
+  title = 'DM'
+  config_key = 'dm'
+  per_subset = ('iterations', 'lr_img')
+
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    """The official DM defaults."""
+    c = ml_collections.ConfigDict()
+    c.iterations = 20000
+    c.lr_img = 1.0
+    c.batch_real = 256  # real images per class per iteration
+    c.per_subset = ml_collections.ConfigDict({n: () for n in cls.per_subset})
+    return c
+
+  @classmethod
+  def validate(cls, config, plans) -> None:
+    super().validate(config, plans)
+    if config.dm.batch_real < 1:
+      raise ConfigError(f'dm.batch_real must be positive, got {config.dm.batch_real}.')
+
+  def prepare(self, ctx, plan, done):
+    labels = jnp.concatenate([jnp.asarray(done.labels, jnp.int32),
+                              jnp.repeat(jnp.arange(ctx.num_classes), plan.ipc)])
+    return base.RealImagesByClass(ctx.x_train, ctx.y_train, labels, ctx.num_classes)
+
+  def init_inner(self, plan, resource, key, data):
+    return self.network.init(key)  # a fresh random network per iteration
+
+  def loss(self, plan, images, labels, extras, inner, key, data, class_index=None):
+    params, state = jax.lax.stop_gradient(inner)
+    real_key, aug_key = jax.random.split(key)
+    real, mask = base.sample_class_batches(real_key, data, plan.batch_real)
+    syn = base.synthetic_by_class(images, data)
+    aug_keys = jax.random.split(aug_key, real.shape[0])
+    embed = lambda x: self.network.embed(params, state, x)
+
+    def one_class(c):
+      r, s = augment_lib.augment_shared(aug_keys[c], (real[c], syn[c]),
+                                        self.config.augment.strategy, DSA)
+      m = mask[c][:, None]
+      mean_real = jnp.sum(embed(r) * m, 0) / jnp.sum(m)
+      mean_syn = jnp.mean(embed(s), 0)
+      return jnp.sum(jnp.square(jax.lax.stop_gradient(mean_real) - mean_syn))
+
+    if class_index is not None:
+      return one_class(class_index)
+    return jnp.sum(jax.lax.map(one_class, jnp.arange(real.shape[0])))

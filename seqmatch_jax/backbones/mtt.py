@@ -1,0 +1,220 @@
+"""MTT: trajectory matching (Cazenavette et al., CVPR 2022) as a backbone.
+
+Each iteration samples T expert windows (θ_t, θ_{t+M}) from trajectories
+trained on real data; the loss unrolls a student from θ_t on the synthetic
+set for N steps with a learnable step size and compares where it lands with
+θ_{t+M} (matching.py). Under SeqMatch, subset k >= 2 matches its own experts,
+which start from networks already trained in stages on S_1..S_{k-1}
+(Algorithm 1 line 9, as the official code realises it, REFERENCE.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from seqmatch_jax import evaluate as evaluate_lib
+from seqmatch_jax import experts as experts_lib
+from seqmatch_jax import matching
+from seqmatch_jax import parallel
+from seqmatch_jax.backbones import base
+from seqmatch_jax.errors import CheckpointError, ConfigError, Interrupted
+from seqmatch_jax.models import Network
+
+PER_SUBSET = ('iterations', 'lr_img', 'syn_steps', 'expert_epochs',
+              'max_start_epoch', 'lr_teacher', 'lr_lr')
+
+
+class MTT(base.Backbone):
+  name = 'mtt'
+  title = 'MTT'
+  config_key = 'mtt'
+  per_subset = PER_SUBSET
+  learned_lr = True
+  needs_experts = True
+
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    """The MTT reference defaults (REFERENCE.md)."""
+    c = ml_collections.ConfigDict()
+    c.iterations = 5000
+    c.syn_steps = 20  # N
+    c.expert_epochs = 2  # M
+    c.max_start_epoch = 20  # T+
+    c.lr_img = 1000.0
+    c.lr_lr = 1e-5
+    c.lr_teacher = 0.01  # initial learnable step size
+    c.min_syn_lr = 1e-6  # syn_lr is projected onto [min_syn_lr, inf)
+    c.batch_syn = 0  # 0 = the size of the subset being distilled
+    c.remat = True  # jax.checkpoint per unrolled step: memory flat in N
+    c.per_subset = ml_collections.ConfigDict({n: () for n in PER_SUBSET})
+    return c
+
+  @classmethod
+  def validate(cls, config, plans) -> None:
+    super().validate(config, plans)
+    for p in plans:
+      for name in PER_SUBSET:
+        if getattr(p, name) <= 0:
+          raise ConfigError(f'mtt.{name} of subset {p.index + 1} must be '
+                            f'positive, got {getattr(p, name)}.')
+      horizon = config.experts.epochs if p.index == 0 else config.experts.staged_epochs
+      which = 'experts.epochs' if p.index == 0 else 'experts.staged_epochs'
+      if p.max_start_epoch - 1 + p.expert_epochs > horizon:  # starts < T+
+        raise ConfigError(
+            f'Subset {p.index + 1}: the last start epoch {p.max_start_epoch - 1}'
+            f' + expert_epochs {p.expert_epochs} exceeds {which}={horizon}; '
+            f'lower them or raise {which}.')
+    if plans[0].min_syn_lr <= 0:
+      raise ConfigError(f'mtt.min_syn_lr must be positive, got {plans[0].min_syn_lr}.')
+    if plans[0].batch_syn < 0:
+      raise ConfigError(f'mtt.batch_syn must be >= 0, got {plans[0].batch_syn}.')
+
+  def init_extras(self, plan):
+    return {'syn_lr': jnp.asarray(plan.lr_teacher, jnp.float32)}
+
+  def optimizers(self, plan):
+    """SGD with momentum 0.5 for the pixels and for the step size (reference)."""
+    return (optax.sgd(plan.lr_img, momentum=0.5),
+            optax.sgd(plan.lr_lr, momentum=0.5))
+
+  def project_extras(self, extras, plan):
+    # Keeps the step size positive (the reference lets it go negative or
+    # explode, MTT issues 16/24/31) without changing its dynamics while it is
+    # positive.
+    return {'syn_lr': jnp.maximum(extras['syn_lr'], plan.min_syn_lr)}
+
+  def eval_lr(self, extras) -> float:
+    return float(parallel.fetch(extras['syn_lr']))
+
+  def batch_syn(self, plan) -> int:
+    return plan.batch_syn or plan.ipc * self.network.num_classes
+
+  def loss(self, plan, images, labels, extras, inner, key, data,
+           class_index=None):
+    start, target = inner
+    params_end = matching.unroll_student(
+        self.network, start, images, labels, extras['syn_lr'], key,
+        num_steps=plan.syn_steps, batch_size=self.batch_syn(plan),
+        augment=self.config.augment.strategy, remat=plan.remat)
+    return matching.match_loss(params_end, start, target)
+
+  def prepare(self, ctx, plan, done):
+    store = (experts_lib.TrajectoryStore(ctx.experts_dir) if plan.index == 0
+             else staged_experts(ctx, plan.index, done))
+    return ExpertWindows(store, plan, ctx.config.seed)
+
+
+class ExpertWindows(base.Source):
+  """Samples (θ_t, θ_{t+M}) windows from a fixed list of complete experts."""
+
+  def __init__(self, store: experts_lib.TrajectoryStore, plan: base.SubsetPlan,
+               seed: int):
+    experts = store.experts()
+    wanted = int(store.metadata.get('num_experts', len(experts)))
+    if len(experts) < wanted:
+      raise CheckpointError(
+          f'Only {len(experts)} of {wanted} expert trajectories in {store.path} '
+          'are complete; rerun mode=experts (or mode=all) to finish them first.')
+    if plan.max_start_epoch - 1 + plan.expert_epochs > store.epochs:
+      raise ConfigError(
+          f'Subset {plan.index + 1}: max_start_epoch {plan.max_start_epoch} + '
+          f'expert_epochs {plan.expert_epochs} exceeds the experts\' '
+          f'{store.epochs} epochs; lower them or train longer experts.')
+    self.store = store
+    self.experts = experts[:wanted]  # fixed: resumed runs sample the same windows
+    self.plan = plan
+    self.seed = seed
+
+  def sample(self, iteration, count, mesh=None):
+    picks = sample_picks(self.experts, self.plan, self.seed, iteration, count)
+    return load_windows(self.store, picks, self.plan, mesh)
+
+
+def sample_picks(experts: list[int], plan: base.SubsetPlan, seed: int,
+                 iteration: int, count: int) -> list[tuple[int, int]]:
+  """(expert id, start epoch) per trajectory: a pure function of (seed, subset,
+  iteration, count), so a resumed run, on any number of hosts, samples exactly
+  what the uninterrupted one did."""
+  rng = np.random.default_rng([seed, plan.index, iteration])
+  picks = []
+  for _ in range(count):
+    e = int(rng.choice(experts))
+    t = int(rng.integers(0, plan.max_start_epoch))
+    picks.append((e, t))
+  return picks
+
+
+def load_windows(store: experts_lib.TrajectoryStore,
+                 picks: list[tuple[int, int]], plan: base.SubsetPlan, mesh=None):
+  """Start and target parameters of `picks`, stacked on a leading axis.
+
+  With a mesh they come back as global arrays split over `data`, and each
+  process reads from disk only the windows its own devices use.
+  """
+  def load(rows):
+    stack = lambda trees: jax.tree.map(lambda *x: np.stack(x), *trees)
+    starts = [store.load(*picks[r]) for r in rows]
+    targets = [store.load(picks[r][0], picks[r][1] + plan.expert_epochs)
+               for r in rows]
+    return stack(starts), stack(targets)
+  if mesh is None:
+    return load(range(len(picks)))
+  return parallel.shard_from_loader(len(picks), mesh, load)
+
+
+@functools.lru_cache(maxsize=8)
+def _staged_trainer(network: Network, protocol: evaluate_lib.Protocol):
+  """Jitted (key, lrs, stages) -> (params, state) after training in stages."""
+  return jax.jit(lambda key, lrs, stages: evaluate_lib.train_stages(
+      network, protocol, key, lrs, stages)[:2])
+
+
+def staged_init_fn(network: Network, protocol: evaluate_lib.Protocol,
+                   stages: list[tuple[jax.Array, jax.Array]],
+                   lrs: list[float]) -> experts_lib.InitFn:
+  """Starting weights of subset k's experts: a fresh network trained on S_1,
+  then S_1 ∪ S_2, ... S_1..S_{k-1} with the evaluation protocol and each
+  stage's learned lr (the staged evaluation, carried into the experts)."""
+  trainer = _staged_trainer(network, protocol)
+  lrs = jnp.asarray(lrs, jnp.float32)
+  return lambda i, key: trainer(key, lrs, tuple(stages))
+
+
+def staged_experts(ctx, k: int, done: base.Done) -> experts_lib.TrajectoryStore:
+  """Subset k+1's experts (k >= 1): built, or finished, in
+  WORKDIR/experts_staged/subset_{k+1}."""
+  config = ctx.config
+  protocol = evaluate_lib.protocol_from_config(config)
+  stages = evaluate_lib.stage_sets(done.images, done.labels, done.subset)
+  spec = experts_lib.ExpertSpec(
+      num=config.experts.num, epochs=config.experts.staged_epochs,
+      lr=config.experts.lr, momentum=config.experts.momentum,
+      batch_size=config.experts.batch_size, augment=config.augment.strategy,
+      per_batch=config.experts.per_batch)
+  subsets = [done.images[done.subset == i] for i in range(k)]
+  meta = dict(ctx.expert_metadata, start=f'staged on subsets 1..{k}',
+              stage_lrs=[float(v) for v in done.lrs[:k]],
+              stages_crc=experts_lib.tree_crc32(subsets))
+  path = os.path.join(ctx.workdir, 'experts_staged', f'subset_{k + 1}')
+  logging.info('building %d staged experts for subset %d in %s', spec.num, k + 1,
+               path)
+  store = experts_lib.train_experts(
+      ctx.network, spec, path, ctx.x_train, ctx.y_train, ctx.x_test, ctx.y_test,
+      jax.random.fold_in(ctx.key, 200 + k), meta,
+      init_fn=staged_init_fn(ctx.network, protocol, stages, done.lrs[:k]),
+      expert_ids=parallel.process_share(spec.num),
+      should_stop=ctx.should_stop, writer=ctx.writer,
+      mesh=parallel.model_mesh(config.parallel.num_devices),
+      progress=ctx.progress)
+  parallel.barrier(f'staged experts {ctx.workdir} {k + 1}')
+  if parallel.agree(len(store.experts()) < spec.num):
+    raise Interrupted(f'stopped while training staged experts for subset {k + 1}')
+  return store

@@ -1,0 +1,150 @@
+"""The synthetic-set file format: the one module that reads and writes it.
+
+`synthetic.npz` holds `images` (pixels in [0,1], NHWC), `images_model` (the
+exact model-space images the run produced), `labels`, `subset` (0-based subset
+id per image), `lr` (the evaluation step size of each subset: MTT's learned
+`syn_lr`, the protocol's lr for the other backbones), `backbone`, the run's
+`config` and a `preprocessing` tag saying what model space meant. Users' own
+npz files need only `images` and `labels`.
+
+`subsets/subset_k.npz` is a finished subset of a run in progress:
+`images_model`, `lr`, `labels`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zipfile
+
+from absl import logging
+import numpy as np
+
+from seqmatch_jax import files
+from seqmatch_jax.errors import CheckpointError, DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSet:
+  """A distilled set in model space, subset-major, class-blocked per subset."""
+  images: np.ndarray  # model space
+  labels: np.ndarray
+  subset: np.ndarray | None = None  # None: one subset
+  lrs: np.ndarray | None = None  # one per subset; None: the protocol's lr
+  backbone: str = ''
+
+  @property
+  def num_subsets(self) -> int:
+    return 1 if self.subset is None else int(self.subset.max()) + 1
+
+
+def preprocessing_tag(config) -> str:
+  """What model space means for a saved set: same tag, same preprocessing."""
+  return json.dumps(dict(dataset=config.dataset.name, zca=bool(config.dataset.zca),
+                         val_size=config.dataset.val_size, seed=config.seed),
+                    sort_keys=True)
+
+
+def save(path: str, syn: SyntheticSet, preprocessor, config) -> None:
+  pixels = np.clip(np.asarray(preprocessor.to_pixels(syn.images)), 0.0, 1.0)
+  subset = (np.zeros(len(syn.labels), np.int32) if syn.subset is None
+            else syn.subset)
+  files.write_npz(
+      path, images=pixels.astype(np.float32),
+      images_model=np.asarray(syn.images, np.float32), labels=syn.labels,
+      subset=subset, lr=np.asarray(syn.lrs, np.float32),
+      backbone=np.asarray(syn.backbone),
+      config=np.asarray(config.to_json_best_effort(sort_keys=True)),
+      preprocessing=np.asarray(preprocessing_tag(config)))
+
+
+def _read_npz(path: str, what: str) -> dict[str, np.ndarray]:
+  if os.path.isdir(path):
+    raise DataError(f'{what} {path} is a directory; give the path of an .npz file.')
+  if not os.path.isfile(path):
+    raise DataError(f'{what} {path} does not exist; pass '
+                    '--config.eval.synthetic=PATH/synthetic.npz.')
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      if not isinstance(f, np.lib.npyio.NpzFile):
+        raise DataError(f'{path} is a single .npy array, not an .npz archive with '
+                        "'images' and 'labels'; save it with np.savez.")
+      return {k: f[k] for k in f.files}
+  except DataError:
+    raise
+  except Exception as e:
+    raise DataError(f'{path} is not a readable .npz archive ({type(e).__name__}); '
+                    "write one with np.savez(path, images=..., labels=...).") from e
+
+
+def load(path: str, num_classes: int, image_shape, preprocessor=None,
+         config=None) -> SyntheticSet:
+  """Reads and validates a saved set (ours or a user's npz), in model space.
+
+  The stored `images_model` are used when the file's preprocessing tag equals
+  this config's (exactly what the run trained on); otherwise the pixels are
+  converted with `preprocessor` (e.g. a user's npz, or another dataset seed).
+  """
+  data = _read_npz(path, 'Synthetic set')
+  for k in ('images', 'labels'):
+    if k not in data:
+      raise DataError(f'{path} lacks {k!r} (needs images (N,H,W,C) in [0,1] and '
+                      'integer labels (N,)).')
+  images, labels = data['images'], data['labels']
+  if images.ndim != 4 or tuple(images.shape[1:]) != tuple(image_shape):
+    raise DataError(f'{path}: images have shape {images.shape}, expected '
+                    f'(N, {", ".join(map(str, image_shape))}) for this dataset.')
+  if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+    raise DataError(f'{path}: labels must be integers of shape ({images.shape[0]},), '
+                    f'got {labels.dtype} {labels.shape}.')
+  if labels.min() < 0 or labels.max() >= num_classes:
+    raise DataError(f'{path}: labels must lie in [0, {num_classes - 1}], got '
+                    f'[{labels.min()}, {labels.max()}].')
+  if not np.all(np.isfinite(images)):
+    raise DataError(f'{path}: images contain NaN or inf.')
+  if images.dtype == np.uint8:
+    images = images.astype(np.float32) / 255.0
+  subset = data.get('subset')
+  if subset is not None:
+    if subset.shape != labels.shape:
+      raise DataError(f'{path}: subset must have shape {labels.shape}.')
+    ids = sorted(set(subset.tolist()))
+    if ids != list(range(int(subset.max()) + 1)):
+      raise DataError(f'{path}: subset ids must be 0..K-1 without gaps, got {ids}.')
+    subset = subset.astype(np.int32)
+  lrs = data.get('lr')
+  if lrs is not None:
+    lrs = np.atleast_1d(lrs).astype(np.float32)
+    num_subsets = 1 if subset is None else int(subset.max()) + 1
+    if lrs.shape[0] not in (1, num_subsets) or not np.all(lrs > 0):
+      raise DataError(f'{path}: lr must be {num_subsets} positive values, got {lrs}.')
+  model = data.get('images_model')
+  tag = data.get('preprocessing')
+  if (model is not None and model.shape == images.shape and config is not None
+      and tag is not None and str(tag) == preprocessing_tag(config)):
+    images = model.astype(np.float32)
+  elif preprocessor is not None:
+    logging.info('%s: converting its pixel images with this config\'s '
+                 'preprocessing', path)
+    images = np.asarray(preprocessor.to_model(images.astype(np.float32)), np.float32)
+  backbone = str(data['backbone']) if 'backbone' in data else ''
+  return SyntheticSet(images.astype(np.float32), labels.astype(np.int32), subset,
+                      lrs, backbone)
+
+
+def save_subset(path: str, images: np.ndarray, lr: float, labels: np.ndarray) -> None:
+  files.write_npz(path, images_model=np.asarray(images, np.float32),
+                  lr=np.float32(lr), labels=np.asarray(labels))
+
+
+def load_subset(path: str) -> tuple[np.ndarray, float, np.ndarray]:
+  """(model-space images, lr, labels) of a finished subset."""
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return f['images_model'], float(f['lr']), f['labels']
+  except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+    raise CheckpointError(
+        f'{path} is damaged ({type(e).__name__}); delete it and rerun the same '
+        'command to distil that subset again (its checkpoint in distill/ is '
+        'reused).') from e
