@@ -34,9 +34,5 @@ def mtt_plan(network, augment: str = 'flip', index: int = 0, ipc: int = 2,
   from seqmatch_jax import backbones, config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.base_config()
   config.augment.strategy = augment
-  values = dict(config.mtt.to_dict(), **settings)
-  values.pop('per_subset')
-  iterations, lr_img = values.pop('iterations'), values.pop('lr_img')
-  plan = backbones.SubsetPlan(index=index, ipc=ipc, ipc_before=0,
-                              iterations=iterations, lr_img=lr_img, settings=values)
+  plan = backbones.plan_from_settings(config.mtt, index=index, ipc=ipc, **settings)
   return backbones.create(config, network), plan

@@ -50,12 +50,10 @@ def test_mtt_step_is_pinned(pin):
   config = digits.get_config()
   config.augment.strategy = 'color_crop_cutout_flip_scale_rotate'
   backbone = backbones.create(config, net)
-  plan = backbones.SubsetPlan(
-      index=1, ipc=2, ipc_before=1, iterations=2, lr_img=100.0,
-      settings=dict(config.mtt.to_dict(), syn_steps=5, expert_epochs=2,
-                    max_start_epoch=2, lr_teacher=0.02, lr_lr=1e-3, batch_syn=10))
-  for name in ('iterations', 'lr_img', 'per_subset'):
-    plan.settings.pop(name)
+  plan = backbones.plan_from_settings(
+      config.mtt, index=1, ipc=2, ipc_before=1, iterations=2, lr_img=100.0,
+      syn_steps=5, expert_epochs=2, max_start_epoch=2, lr_teacher=0.02,
+      lr_lr=1e-3, batch_syn=10)
   step = distill.make_distill_step(backbone, plan, trajectories=2)
   state = distill.init_state(backbone, plan, mine, jax.random.key(5))
   stack = lambda t: jax.tree.map(lambda *x: jnp.stack(x), *t)
@@ -98,3 +96,177 @@ def test_mtt_run_is_pinned(pin, tmp_path):
   accs = str({n: r['convnet']['per_model'] for n, r in results['rows'].items()})
   if pin['same_jax']:
     assert accs == str(pin['results'])
+
+
+# -- DM, DC, DSA ---------------------------------------------------------------
+
+def _real_problem(name: str, strategy: str = '', dtype=jnp.float32, **settings):
+  """A tiny 2-class problem: real images, a frozen subset (1 per class) and a
+  trainable one (2 per class), and the backbone with the reference settings
+  but a real batch that takes every image of a class (no sampling noise)."""
+  c = config_lib.base_config()
+  c.backbone.name = name
+  c.augment.strategy = strategy
+  c.ipc = 3
+  node = c[backbones.backbone_class(name).config_key]
+  net = helpers.tiny_convnet(width=4, depth=1, num_classes=2)
+  backbone = backbones.create(c, net)
+  plan = backbones.plan_from_settings(node, index=1, ipc=2, ipc_before=1,
+                                      batch_real=64, **settings)
+  x = jax.random.normal(jax.random.key(0), (14, 8, 8, 1), dtype)
+  y = jnp.asarray([0] * 6 + [1] * 8)
+  syn_labels = jnp.asarray([0, 1, 0, 0, 1, 1])  # frozen S_1, then S_2
+  source = backbones.base.RealImagesByClass(x, y, syn_labels, 2)
+  images = jax.random.normal(jax.random.key(1), (6, 8, 8, 1), dtype)
+  params, state = net.init(jax.random.key(2))
+  params = jax.tree.map(lambda p: p.astype(dtype), params)
+  return backbone, plan, source.data, images, syn_labels, (params, state), x, y
+
+
+def test_dm_loss_is_the_direct_sum_over_classes():
+  backbone, plan, data, images, labels, inner, x, y = _real_problem('dm')
+  loss = backbone.loss(plan, images, labels, {}, inner, jax.random.key(3), data)
+  params, state = inner
+  embed = lambda img: np.asarray(backbone.network.embed(params, state, img[None]))[0]
+  expected = 0.0
+  for c in range(2):
+    real = np.mean([embed(img) for img in x[np.asarray(y) == c]], axis=0)
+    syn = np.mean([embed(img) for img in images[np.asarray(labels) == c]], axis=0)
+    expected += np.sum((real - syn) ** 2)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+def test_dc_loss_is_the_direct_sum_over_classes():
+  backbone, plan, data, images, labels, inner, x, y = _real_problem('dc')
+  loss = backbone.loss(plan, images, labels, {}, inner, jax.random.key(3), data)
+  params, state = inner
+  net = backbone.network
+
+  def grads(imgs, c):
+    def ce(p):
+      logits, _ = net.apply(p, state, imgs, train=True)
+      return -jnp.mean(jax.nn.log_softmax(logits)[:, c])
+    return jax.grad(ce)(params)
+  expected = 0.0
+  for c in range(2):
+    g_real = grads(x[np.asarray(y) == c], c)
+    g_syn = grads(images[np.asarray(labels) == c], c)
+    for path, a in jax.tree_util.tree_leaves_with_path(g_real):
+      b = dict(jax.tree_util.tree_leaves_with_path(g_syn))[path]
+      if a.ndim < 2:  # biases and norm parameters are not matched
+        continue
+      a, b = np.asarray(a), np.asarray(b)
+      for o in range(a.shape[-1]):  # one output channel at a time
+        r, s = a[..., o].ravel(), b[..., o].ravel()
+        expected += 1 - r @ s / (np.linalg.norm(r) * np.linalg.norm(s) + 1e-6)
+  np.testing.assert_allclose(loss, expected, rtol=1e-4)
+
+
+def test_siamese_augmentation_is_one_transform_for_real_and_synthetic():
+  from seqmatch_jax import augment
+  img = jax.random.normal(jax.random.key(0), (1, 8, 8, 1))
+  real, syn = augment.augment_shared(
+      jax.random.key(4), (jnp.tile(img, (5, 1, 1, 1)), jnp.tile(img, (2, 1, 1, 1))),
+      'crop_cutout_flip_scale_rotate', augment.DSAParams(align_corners=False))
+  assert not np.allclose(real[0], img[0])  # it did transform
+  np.testing.assert_array_equal(real, jnp.tile(real[:1], (5, 1, 1, 1)))
+  np.testing.assert_array_equal(syn, real[:2])
+
+
+@pytest.mark.parametrize('name, strategy', [
+    ('dm', 'color_crop_cutout_flip_scale_rotate'), ('dc', ''),
+    ('dsa', 'color_crop_cutout_flip_scale_rotate')])
+def test_image_gradient_matches_finite_differences(name, strategy):
+  with jax.enable_x64(True):
+    backbone, plan, data, images, labels, inner, _, _ = _real_problem(
+        name, strategy, jnp.float64)
+    f = lambda img: backbone.loss(plan, img, labels, {}, inner, jax.random.key(3),
+                                  data)
+    g = jax.grad(f)(images)
+    eps = 1e-7  # ReLU kinks lie within 1e-5 of these images (DSA colour)
+    for d in range(3):
+      v = jax.random.normal(jax.random.key(10 + d), images.shape, jnp.float64)
+      fd = (f(images + eps * v) - f(images - eps * v)) / (2 * eps)
+      np.testing.assert_allclose(jnp.vdot(g, v), fd, rtol=1e-4, atol=1e-9)
+
+
+def test_dc_step_trains_the_network_between_matches():
+  """The generic step with outer_loop 2 equals a direct loop: fresh network,
+  match, image step, inner_loop epochs on the synthetic set, match, step."""
+  backbone, plan, data, images, labels, _, _, _ = _real_problem(
+      'dsa', 'flip_scale', outer_loop=2, inner_loop=3)
+  frozen, mine = images[:2], images[2:]
+  step = distill.make_distill_step(backbone, plan, trajectories=1)
+  state = distill.init_state(backbone, plan, mine, jax.random.key(7))
+  new, _ = step(state, frozen, labels, None, data)
+
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.key), 0)
+  key = jax.random.split(key, 1)[0]
+  inner = backbone.network.init(jax.random.fold_in(key, distill._INIT_SALT))
+  tx, _ = backbone.optimizers(plan)
+  opt = tx.init(mine)
+  loss = lambda m, inner, k: backbone.loss(
+      plan, jnp.concatenate([frozen, m]), labels, {}, inner, k, data)
+  for m in range(2):
+    k = jax.random.fold_in(key, m)
+    g = jax.grad(loss)(mine, inner, k)
+    upd, opt = tx.update(g, opt)
+    mine = mine + upd
+    if m == 0:
+      inner = backbone.net_update(plan, inner, jnp.concatenate([frozen, mine]),
+                                  labels, jax.random.fold_in(k, distill._NET_SALT),
+                                  data)
+  np.testing.assert_allclose(new.images, mine, rtol=1e-5, atol=1e-6)
+
+
+def _tiny_real_config(name: str, k: int):
+  c = digits.get_config(f'k={k}')
+  config_lib.apply_settings(c, {
+      'backbone.name': name, 'ipc': 2, 'model.width': 8,
+      'augment.strategy': 'flip_scale', 'distill.checkpoint_every': 2,
+      'dm.iterations': 4, 'dm.per_subset.iterations': (), 'dm.batch_real': 32,
+      'dc.iterations': 3, 'dc.outer_loop': 2, 'dc.inner_loop': 2,
+      'dc.per_subset.iterations': (), 'dc.batch_real': 32})
+  return c
+
+
+def _real_ctx(tmp_path, config):
+  x, y, xt, yt, _, _ = helpers.digits_model_space()
+  from seqmatch_jax import seqmatch
+  return seqmatch.Context(
+      config=config, workdir=str(tmp_path), network=helpers.tiny_convnet(),
+      x_train=x, y_train=y, x_test=xt, y_test=yt, x_val=None, y_val=None,
+      num_classes=10, experts_dir='', expert_metadata={}, key=jax.random.key(0),
+      progress=False)
+
+
+@pytest.mark.parametrize('name', ['dm', 'dc'])
+def test_frozen_subset_stays_bitwise_and_reruns_resume(name, tmp_path):
+  from seqmatch_jax import seqmatch
+  ctx = _real_ctx(tmp_path, _tiny_real_config(name, 2))
+  syn = seqmatch.distill_all(ctx)
+  assert syn.subset.tolist() == [0] * 10 + [1] * 10 and syn.backbone == name
+  with np.load(tmp_path / 'subsets' / 'subset_1.npz') as f:
+    np.testing.assert_array_equal(syn.images[:10], f['images_model'])
+  assert not np.array_equal(syn.images[10:], syn.images[:10])
+  assert np.allclose(syn.lrs, ctx.config.eval.lr)  # the protocol's lr
+  np.testing.assert_array_equal(seqmatch.distill_all(ctx).images, syn.images)
+
+
+@pytest.mark.parametrize('name', ['dm', 'dsa'])
+def test_kill_and_resume_is_bitwise(name, tmp_path):
+  from seqmatch_jax import seqmatch
+  from seqmatch_jax.errors import Interrupted
+  config = _tiny_real_config(name, 1)
+  full = seqmatch.distill_all(_real_ctx(tmp_path / 'a', config))
+  calls = {'n': 0}
+
+  def stop_at_two():
+    calls['n'] += 1
+    return calls['n'] > 2
+  ctx = _real_ctx(tmp_path / 'b', config)
+  ctx.should_stop = stop_at_two
+  with pytest.raises(Interrupted):
+    seqmatch.distill_all(ctx)
+  ctx.should_stop = lambda: False
+  np.testing.assert_array_equal(seqmatch.distill_all(ctx).images, full.images)

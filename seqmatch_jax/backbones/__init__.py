@@ -2,4 +2,4 @@
 
 from seqmatch_jax.backbones.base import (REGISTRY, Backbone, Done, Source,
                                          SubsetPlan, backbone_class, create,
-                                         default_configs)
+                                         default_configs, plan_from_settings)

@@ -69,6 +69,17 @@ class SubsetPlan:
     raise AttributeError(name)
 
 
+def plan_from_settings(node: ml_collections.ConfigDict, *, index: int = 0,
+                       ipc: int = 1, ipc_before: int = 0, **overrides) -> SubsetPlan:
+  """A plan from a backbone's sub-dict (its scalars) and `overrides`: for
+  experiments, tests and benchmarks that drive one subset by hand."""
+  values = dict(node.to_dict(), **overrides)
+  values.pop('per_subset', None)
+  return SubsetPlan(index=index, ipc=ipc, ipc_before=ipc_before,
+                    iterations=int(values.pop('iterations')),
+                    lr_img=float(values.pop('lr_img')), settings=values)
+
+
 @dataclasses.dataclass
 class Done:
   """The subsets distilled so far (frozen while the next one learns)."""

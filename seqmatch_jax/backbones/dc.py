@@ -140,7 +140,8 @@ class DC(base.Backbone):
 
   def net_update(self, plan, inner, images, labels, key, data):
     params, state = inner
-    spec = training.SGDSpec(batch_size=self.config.dc.batch_train,
+    # A loader's batch is at most the set (no padding to batch_train).
+    spec = training.SGDSpec(batch_size=min(self.config.dc.batch_train, len(images)),
                             augment=self.config.augment.strategy if self.siamese else '',
                             align_corners=False)
     return training.train_schedule(self.network, spec, params, state, images,
