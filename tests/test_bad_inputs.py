@@ -100,11 +100,9 @@ def _damaged_metadata(mode):
 def _damaged_progress(tmp):
   meta = json.dumps(dict(epochs=3, num_experts=1, format=2))
   path = _experts_dir(tmp, meta, progress='{"snapshots": {"0": ')
-  return [DIGITS, '--config.mode=distill', f'--config.experts.dir={path}',
-          '--config.experts.epochs=3', '--config.distill.max_start_epoch=1',
-          '--config.distill.expert_epochs=1', '--config.seqmatch.num_subsets=1',
-          '--config.seqmatch.max_start_epoch=()', '--config.seqmatch.iterations=()',
-          '--config.seqmatch.lr_img=()']
+  return [f'{DIGITS}:ipc=1', '--config.mode=distill',
+          f'--config.experts.dir={path}', '--config.experts.epochs=3',
+          '--config.mtt.max_start_epoch=1', '--config.mtt.expert_epochs=1']
 
 
 def _file(tmp, name='a_file') -> str:
@@ -134,10 +132,10 @@ CASES: list[tuple[str, Callable, str]] = [
     ('damaged_progress', _damaged_progress, 'to retrain expert 0'),
     ('unknown_key', _fixed(DIGITS, '--config.distill.bogus=1'),
      'unknown config key distill.bogus'),
-    ('misspelt_key', _fixed(DIGITS, '--config.distill.iteration=1'),
-     'did you mean distill.iterations?'),
-    ('misspelt_section', _fixed(DIGITS, '--config.distil.iterations=1'),
-     'distill.iterations'),
+    ('misspelt_key', _fixed(DIGITS, '--config.mtt.iteration=1'),
+     'did you mean mtt.iterations?'),
+    ('misspelt_section', _fixed(DIGITS, '--config.distil.eval_every=1'),
+     'did you mean distill.eval_every'),
     ('bad_variant_value', _fixed(f'{DIGITS}:ipc=ten'),
      "variant argument ipc must be an integer, got 'ten'"),
     ('unknown_variant_key', _fixed(f'{DIGITS}:foo=1'),
@@ -198,14 +196,13 @@ def test_truncated_orbax_step_is_one_line_without_async_noise(tmp_path):
   of 'Exception ignored in: <coroutine ...>' / 'Event loop is closed' that
   TensorStore's cancelled reads print (they show in about half the runs).
   ~25 s: a tiny experts + distill run writes the checkpoint."""
-  tiny = [DIGITS, f'--workdir={tmp_path / "run"}', '--config.model.width=8',
-          '--config.experts.num=1', '--config.experts.epochs=2',
-          '--config.distill.iterations=2', '--config.distill.checkpoint_every=2',
-          '--config.distill.syn_steps=2', '--config.distill.expert_epochs=1',
-          '--config.distill.max_start_epoch=1', '--config.distill.eval_every=0',
-          '--config.seqmatch.num_subsets=1', '--config.seqmatch.iterations=()',
-          '--config.seqmatch.max_start_epoch=()', '--config.seqmatch.lr_img=()',
-          '--config.seqmatch.compare_backbone=False', '--config.ipc=1']
+  tiny = [f'{DIGITS}:ipc=1', f'--workdir={tmp_path / "run"}',
+          '--config.model.width=8', '--config.experts.num=1',
+          '--config.experts.epochs=2', '--config.mtt.iterations=2',
+          '--config.mtt.syn_steps=2', '--config.mtt.expert_epochs=1',
+          '--config.mtt.max_start_epoch=1', '--config.distill.checkpoint_every=2',
+          '--config.distill.eval_every=0',
+          '--config.seqmatch.compare_backbone=False']
   for mode in ('experts', 'distill'):
     r = run_main(*tiny, f'--config.mode={mode}')
     assert r.returncode == 0, r.stderr[-3000:]
@@ -285,16 +282,16 @@ def test_bool_variant_argument(text, value):
 
 
 def test_misspelt_table_key_is_refused():
-  tables = {10: {'distill.syn_step': 30}}
-  with pytest.raises(ValueError, match=r"'distill.syn_step'.*distill.syn_steps"):
+  tables = {10: {'mtt.syn_step': 30}}
+  with pytest.raises(ValueError, match=r"'mtt.syn_step'.*mtt.syn_steps"):
     config_lib.table_config('digits', None, tables)
-  with pytest.raises(ValueError, match=r"'distil.lr_img'.*distill.lr_img"):
-    config_lib.apply_settings(config_lib.base_config(), {'distil.lr_img': 1.0})
+  with pytest.raises(ValueError, match=r"'distil.eval_every'.*distill.eval_every"):
+    config_lib.apply_settings(config_lib.base_config(), {'distil.eval_every': 1})
   with pytest.raises(ValueError, match='top-level keys'):
     config_lib.apply_settings(config_lib.base_config(), {'zzz': 1})
   c = config_lib.base_config()
-  config_lib.apply_settings(c, {'distill.syn_steps': 7, 'ipc': 3})
-  assert c.distill.syn_steps == 7 and c.ipc == 3
+  config_lib.apply_settings(c, {'mtt.per_subset.syn_steps': (7, 8), 'ipc': 3})
+  assert c.mtt.per_subset.syn_steps == (7, 8) and c.ipc == 3
 
 
 def test_error_line_is_not_glued_to_a_progress_bar(capsys):
