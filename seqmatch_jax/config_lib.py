@@ -93,7 +93,32 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """Parses `a=1,b=x` into a ConfigDict, typed after `defaults`."""
+  """Parses `a=1,b=x` into a ConfigDict, typed after `defaults`.
+
+  Strict, because `bool('no')` is True: bools take only true/false, 1/0 or
+  yes/no, and a number that does not parse names its argument.
+
+  Raises:
+    ValueError: an unknown name, or a value not of its default's type; the
+      message names the argument (main prints it as the one error line).
+  """
+  def convert(key: str, value: str, default):
+    text = value.strip().lower()
+    if isinstance(default, bool):
+      if text in ('true', '1', 'yes', 'false', '0', 'no'):
+        return text in ('true', '1', 'yes')
+      raise ValueError(f'variant argument {key} must be true or false (or '
+                       f'1/0, yes/no), got {value!r}')
+    if isinstance(default, (int, float)):
+      kind, what = (int, 'an integer') if isinstance(default, int) else (
+          float, 'a number')
+      try:
+        return kind(value)
+      except ValueError:
+        raise ValueError(f'variant argument {key} must be {what}, got '
+                         f'{value!r}') from None
+    return type(default)(value)
+
   out = ml_collections.ConfigDict(defaults)
   if not arg:
     return out
@@ -103,19 +128,42 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     key, sep, value = item.partition('=')
     if not sep or key not in defaults:
       raise ValueError(
-          f'Unknown config argument {item!r}; valid: {sorted(defaults)} '
+          f'Unknown config argument {item!r}; valid: '
+          f'{", ".join(f"{k}=..." for k in sorted(defaults))} '
           '(e.g. configs/cifar10.py:ipc=50)')
-    out[key] = type(defaults[key])(value)
+    out[key] = convert(key, value, defaults[key])
   return out
 
 
 def apply_settings(c: ml_collections.ConfigDict, settings: dict) -> None:
-  """Sets dotted keys, e.g. {'distill.syn_steps': 30, 'seqmatch.syn_steps': (30, 80)}."""
+  """Sets dotted keys, e.g. {'distill.syn_steps': 30, 'seqmatch.syn_steps': (30, 80)}.
+
+  Existing keys only: a misspelt key in a config table would otherwise become
+  a new key that nothing reads, and the run would silently use the default.
+
+  Raises:
+    ValueError: an unknown key, naming the closest existing ones.
+  """
+  import difflib  # pylint: disable=g-import-not-at-top
+
+  def dotted_keys(node, prefix=''):
+    for k, v in node.items():
+      if isinstance(v, ml_collections.ConfigDict):
+        yield from dotted_keys(v, f'{prefix}{k}.')
+      else:
+        yield f'{prefix}{k}'
+
   for dotted, value in settings.items():
-    node = c
     *path, leaf = dotted.split('.')
+    node = c
     for part in path:
-      node = node[part]
+      found = isinstance(node, ml_collections.ConfigDict) and part in node
+      node = node[part] if found else None
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      close = difflib.get_close_matches(dotted, list(dotted_keys(c)), n=3)
+      hint = (f'did you mean {", ".join(close)}?' if close else
+              f'top-level keys are {", ".join(sorted(c.keys()))}.')
+      raise ValueError(f'unknown config key {dotted!r} in the settings; {hint}')
     node[leaf] = value
 
 

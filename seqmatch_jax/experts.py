@@ -63,9 +63,41 @@ def _write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def _read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+def _read_json(path: str, fix: str, required: Sequence[str] = ()) -> dict:
+  """Reads a JSON object this module wrote, checking it has `required` keys.
+
+  Only outside damage (a disk or copy error, a hand edit) can spoil these
+  atomically written files; it becomes one CheckpointError naming the file and
+  `fix` rather than a JSONDecodeError traceback.
+  """
+  try:
+    with open(path) as f:
+      obj = json.load(f)
+    problem = None
+    if not isinstance(obj, dict):
+      problem = f'holds a {type(obj).__name__}, not a JSON object'
+    elif any(k not in obj for k in required):
+      problem = f'lacks {", ".join(k for k in required if k not in obj)}'
+  except OSError as e:
+    problem = f'cannot be read ({e.strerror or e})'
+  except ValueError as e:  # bad JSON or bad UTF-8
+    problem = f'is damaged (not valid JSON: {str(e).splitlines()[0]})'
+  if problem is not None:
+    raise CheckpointError(f'{path} {problem}; {fix}')
+  return obj
+
+
+def _rebuild_mode(directory: str) -> str:
+  """The mode that (re)trains the experts in `directory`: SeqMatch's staged
+  experts are built while distilling, the real-data ones in mode=experts."""
+  return 'distill' if 'experts_staged' in directory else 'experts'
+
+
+def _metadata_fix(directory: str) -> str:
+  """How to rebuild a damaged metadata.json."""
+  return (f'delete it and rerun with --config.mode={_rebuild_mode(directory)}, '
+          'which rewrites it and reuses the stored snapshots (delete the '
+          'whole directory instead if they may come from other settings)')
 
 
 def _flatten(item: dict) -> dict[str, np.ndarray]:
@@ -108,24 +140,26 @@ class TrajectoryStore:
           f'No expert trajectories at {self.path} (metadata.json missing): run '
           'with --config.mode=experts first, or point --config.experts.dir at '
           'an existing expert directory.')
-    try:
-      self.metadata = _read_json(meta_path)
-    except (OSError, ValueError) as e:
-      raise CheckpointError(f'Corrupt expert metadata {meta_path}: {e}. '
-                            'Delete the directory to retrain the experts.') from e
+    self.metadata = _read_json(meta_path, _metadata_fix(self.path),
+                               required=('epochs',))
     self.epochs = int(self.metadata['epochs'])
 
   def expert_dir(self, expert: int) -> str:
     return os.path.join(self.path, f'expert_{expert:04d}')
 
+  def progress_path(self, expert: int) -> str:
+    return os.path.join(self.expert_dir(expert), 'progress.json')
+
   def progress(self, expert: int) -> dict:
-    path = os.path.join(self.expert_dir(expert), 'progress.json')
+    """The expert's snapshot records; damage is an error, never an empty
+    record (that would silently drop a finished expert from `experts()`)."""
+    path = self.progress_path(expert)
     if not os.path.exists(path):
       return {'snapshots': {}}
-    try:
-      return _read_json(path)
-    except ValueError:
-      return {'snapshots': {}}
+    return _read_json(
+        path, f'rerun with --config.mode={_rebuild_mode(self.path)} to '
+        f'retrain expert {expert} '
+        f'(or delete {self.expert_dir(expert)})', required=('snapshots',))
 
   def complete_epochs(self, expert: int) -> int:
     """Number of consecutive recorded snapshots from epoch 0 (-1 if none)."""
@@ -207,7 +241,7 @@ def _check_metadata(path: str, metadata: dict) -> None:
   meta_path = os.path.join(path, 'metadata.json')
   if not os.path.exists(meta_path):
     return
-  old = _read_json(meta_path)
+  old = _read_json(meta_path, _metadata_fix(path))
   if old.get('format', 1) != FORMAT_VERSION:
     raise CheckpointError(
         f'Expert directory {path} was written in storage format '
@@ -337,7 +371,17 @@ def _drop_damaged(store: TrajectoryStore, expert: int) -> None:
   """Forgets every snapshot from the first one whose file changed size (a
   truncated or missing file) on, so training recomputes them. Costs a `stat`
   per file; the CRC in `load` catches damage that keeps the size."""
-  snaps = store.progress(expert)['snapshots']
+  try:
+    snaps = store.progress(expert)['snapshots']
+  except CheckpointError as err:  # training is the fix: start the expert over
+    try:
+      os.remove(store.progress_path(expert))
+    except OSError:
+      raise err from None  # not even removable: the user has to look
+    logging.warning('%s was damaged: retraining expert %d from scratch',
+                    store.progress_path(expert), expert)
+    _forget_from(store, expert, 0)
+    return
   for e in range(store.complete_epochs(expert) + 1):
     if snaps[str(e)].get('bytes') != _snapshot_bytes(store, expert, e):
       logging.warning('expert %d snapshot %d is damaged: recomputing from there',

@@ -5,20 +5,29 @@ exit code 2; an interrupted run saves its state and exits 130, and rerunning the
 same command resumes it.
 """
 
+import difflib
+import inspect
 import logging as logging_std
 import os
+import re
 import sys
 import traceback
+import warnings
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
+import ml_collections
 from ml_collections import config_flags
+import tqdm
 
+from seqmatch_jax import data as data_lib
 from seqmatch_jax import parallel
+from seqmatch_jax import paths
 from seqmatch_jax import pipeline
 from seqmatch_jax.errors import Interrupted, UserError
+from seqmatch_jax.models.networks import check_image_size
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -29,7 +38,15 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr)
+  """Prints `error: message` as the last line of stderr, on a line of its own."""
+  # An open progress bar leaves its line unfinished: close it (ending the line)
+  # so the error is not glued to it.
+  for bar in list(getattr(tqdm.tqdm, '_instances', ())):
+    bar.leave = True
+    bar.close()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  print(f'error: {message}', file=sys.stderr, flush=True)
   _exit(2)
 
 
@@ -44,6 +61,83 @@ def _exit(code: int) -> None:
   sys.exit(code)
 
 
+def _root_cause(e: BaseException) -> BaseException:
+  """The innermost exception: ml_collections wraps config-file errors."""
+  while True:
+    inner = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    if inner is None:
+      return e
+    e = inner
+
+
+def _flat_keys(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+  """Every key of `config` as 'section.key' (sections included)."""
+  out = []
+  for key, value in config.items():
+    out.append(prefix + key)
+    if isinstance(value, ml_collections.ConfigDict):
+      out += _flat_keys(value, f'{prefix}{key}.')
+  return out
+
+
+def _unknown_override(argv) -> str | None:
+  """'unknown config key a.b; ...' for the first --config.a.b naming no key.
+
+  ml_collections only says AttributeError("'b'"); this reloads the config
+  file (cheap, and only on this error path) to name the key and the closest
+  existing ones.
+  """
+  try:
+    config_arg = next(a.split('=', 1)[1] if '=' in a else argv[i + 1]
+                      for i, a in enumerate(argv)
+                      if a in ('--config', '-config') or
+                      a.startswith(('--config=', '-config=')))
+    config = FLAGS['config'].parser.parse(config_arg)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  keys = _flat_keys(config)
+  for arg in argv:
+    m = re.match(r'-{1,2}(?:no)?config\.([^=]+)', arg)
+    if not m or m.group(1) in keys:
+      continue
+    key = m.group(1)
+    section, _, leaf = key.rpartition('.')
+    if section in keys:  # a known section: its own keys are the candidates
+      members = [k[len(section) + 1:] for k in keys
+                 if k.startswith(section + '.') and
+                 '.' not in k[len(section) + 1:]]
+      close = difflib.get_close_matches(leaf, members, n=3, cutoff=0.6)
+      hint = (f'did you mean {", ".join(f"{section}.{c}" for c in close)}?'
+              if close else f'keys of {section}: {", ".join(members)}')
+    else:
+      close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+      hint = (f'did you mean {", ".join(close)}?' if close else
+              'top-level keys: ' + ', '.join(k for k in keys if '.' not in k))
+    return f'unknown config key {key}; {hint}'
+  return None
+
+
+def _load_error(argv, e: BaseException) -> str:
+  """One line for an error raised while parsing the flags or the config."""
+  unknown = _unknown_override(argv)
+  if unknown is not None:
+    return unknown
+  first = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+  wrapped = 'Error whilst parsing config file' in str(e)
+  if isinstance(e, flags.Error) and not wrapped:
+    return first
+  # A config file's own error: ml_collections puts the traceback in the
+  # message and the reason last; the innermost exception is the reason.
+  root = _root_cause(e)
+  lines = [l.strip() for l in str(root).splitlines() if l.strip()]
+  reason = lines[-1] if lines else ''
+  if not isinstance(root, ValueError) or not reason:
+    reason = f'{type(root).__name__}: {reason}'.rstrip(': ')
+  if wrapped:  # 'flag --config=configs/x.py:ipc=ten: <reason>'
+    return f'{first.split(": Error whilst parsing", 1)[0]}: {reason}'
+  return f'cannot load the config: {reason}'
+
+
 def _parse_flags(argv):
   """absl parsing, with flag and config-file errors as one line and exit 2."""
   try:
@@ -52,10 +146,39 @@ def _parse_flags(argv):
     if any(a.lstrip('-') in ('help', 'helpshort', 'helpfull', '?') for a in argv[1:]):
       sys.exit(0)
     raise
-  except flags.Error as e:
-    _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-  except Exception as e:  # errors raised while loading the config file
-    _fail(f'cannot load the config: {type(e).__name__}: {str(e).splitlines()[0]}')
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(_load_error(argv, e))
+
+
+def _drop_async_noise(unraisable) -> None:
+  """`sys.unraisablehook` that drops what a failed Orbax restore leaves behind.
+
+  TensorStore's reads still in flight when the restore fails end as dozens of
+  'Exception ignored in: <coroutine ...>' and 'Event loop is closed' tracebacks
+  (some after the error line). They carry nothing the error line lacks.
+  """
+  exc = unraisable.exc_value
+  if (inspect.iscoroutine(unraisable.object) or isinstance(exc, GeneratorExit)
+      or (isinstance(exc, RuntimeError) and 'Event loop is closed' in str(exc))):
+    return
+  sys.__unraisablehook__(unraisable)
+
+
+def _preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Cheap checks before any loading: writable directories, and images large
+  enough for the network (else it would train at chance without a word)."""
+  paths.check_writable_dir(workdir, '--workdir')
+  if config.experts.dir:
+    if config.mode in ('all', 'experts'):
+      paths.check_writable_dir(config.experts.dir, '--config.experts.dir')
+    else:  # only read: a shared, read-only expert set is fine
+      paths.check_not_file(config.experts.dir, '--config.experts.dir')
+  depth = config.model.depth
+  if isinstance(depth, int) and not isinstance(depth, bool) and depth >= 1:
+    shape = data_lib.peek_image_shape(config.dataset.name,
+                                      config.dataset.data_dir or None)
+    if shape is not None:
+      check_image_size(config.model.name, shape, depth)
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -70,6 +193,9 @@ def main(argv):
     _fail(f'unexpected arguments {argv[1:]}; use --config.key=value overrides.')
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  sys.unraisablehook = _drop_async_noise
+  warnings.filterwarnings('ignore', message='coroutine .* was never awaited',
+                          category=RuntimeWarning)
   try:
     config = FLAGS.config
     config.mode  # pylint: disable=pointless-statement  (loading errors surface here)
@@ -77,6 +203,7 @@ def main(argv):
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     _fail(f'cannot load the config file: {lines[-1] if lines else type(e).__name__}')
   try:
+    _preflight(config, FLAGS.workdir)
     pipeline.run(config, FLAGS.workdir)
   except UserError as e:
     _fail(str(e))

@@ -51,6 +51,16 @@ def test_table4_cifar100_ipc50_and_imagefruit():
 def test_variant_argument_errors():
   with pytest.raises(ValueError, match='Unknown config argument'):
     config_lib.parse_arg('ipcc=3', ipc=10)
+  with pytest.raises(ValueError, match="ipc must be an integer, got 'ten'"):
+    config_lib.parse_arg('ipc=ten', ipc=10)
+  with pytest.raises(ValueError, match='zca must be true or false'):
+    config_lib.parse_arg('zca=maybe', zca=False)
+  assert config_lib.parse_arg('zca=no', zca=True).zca is False
+
+
+def test_unknown_table_key_is_refused():
+  with pytest.raises(ValueError, match="'experts.epoch'.*experts.epochs"):
+    config_lib.table_config('digits', None, {10: {'experts.epoch': 5}})
 
 
 @pytest.mark.parametrize('key, value, match', [

@@ -462,6 +462,40 @@ def test_npz_missing_or_corrupt_file(tmp_path):
     data.load_dataset('npz', None)
 
 
+def test_npz_path_mistakes_get_the_fix(tmp_path):
+  np.save(tmp_path / 'x.npy', np.zeros((4, 5, 5, 3), np.uint8))
+  with pytest.raises(DataError, match='single .npy array.*numpy.savez'):
+    data.load_dataset('npz', str(tmp_path / 'x.npy'))
+  folder = tmp_path / 'folder'
+  folder.mkdir()
+  with pytest.raises(DataError, match='is a directory; set --config.dataset'):
+    data.load_dataset('npz', str(folder))
+  np.savez(folder / 'mine.npz', **_valid_npz_arrays())
+  with pytest.raises(DataError, match=r'holds mine.npz.*folder/mine.npz'):
+    data.load_dataset('npz', str(folder))
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_npz_channels_first_is_refused(tmp_path, channels):
+  arrays = _valid_npz_arrays()
+  arrays['x_train'] = np.zeros((12, channels, 5, 5), np.uint8)
+  arrays['x_test'] = np.zeros((4, channels, 5, 5), np.uint8)
+  np.savez(tmp_path / 'nchw.npz', **arrays)
+  for load in (data.load_dataset, data.peek_image_shape):
+    with pytest.raises(DataError, match=r'channels-first.*transpose\(0, 2, 3, 1\)'):
+      load('npz', str(tmp_path / 'nchw.npz'))
+
+
+def test_npz_peek_reads_the_header_only(tmp_path):
+  np.savez(tmp_path / 'ok.npz', **_valid_npz_arrays())
+  assert data.peek_image_shape('npz', str(tmp_path / 'ok.npz')) == (5, 5, 3)
+  (tmp_path / 'junk.npz').write_bytes(b'not a zip')
+  with pytest.raises(DataError, match='not a readable'):
+    data.peek_image_shape('npz', str(tmp_path / 'junk.npz'))
+  assert data.peek_image_shape('digits') == (8, 8, 1)
+  assert data.peek_image_shape('no_such_set') is None
+
+
 # ---------------------------------------------------------------- validation
 
 

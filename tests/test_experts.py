@@ -151,6 +151,40 @@ def test_custom_start_and_metadata_mismatch(tmp_path):
                                         batch_size=256, augment='', per_batch=1))
 
 
+@pytest.mark.parametrize('text', ['{"epochs": 3, ', '[1, 2]', '\xff'])
+def test_damaged_metadata_names_file_and_fix(trained, tmp_path, text):
+  import shutil
+  copy = tmp_path / 'copy'
+  shutil.copytree(trained[0], copy)
+  (copy / 'metadata.json').write_text(text, encoding='latin-1')
+  with pytest.raises(CheckpointError, match='metadata.json .*--config.mode=experts'):
+    experts.TrajectoryStore(str(copy))
+  with pytest.raises(CheckpointError, match='metadata.json .*delete it'):
+    _train(copy, _spec())
+  (copy / 'metadata.json').unlink()  # the fix: rerun mode=experts
+  repaired = _train(copy, _spec())
+  _assert_same(_trajectory(trained[1], 1), _trajectory(repaired, 1))
+
+
+def test_metadata_without_epochs_is_damaged(tmp_path):
+  (tmp_path / 'metadata.json').write_text('{"format": 2}')
+  with pytest.raises(CheckpointError, match='metadata.json lacks epochs'):
+    experts.TrajectoryStore(str(tmp_path))
+
+
+def test_damaged_progress_is_an_error_until_retrained(trained, tmp_path):
+  import shutil
+  copy = tmp_path / 'copy'
+  shutil.copytree(trained[0], copy)
+  (copy / 'expert_0001' / 'progress.json').write_text('{"snapshots": {"0": ')
+  store = experts.TrajectoryStore(str(copy))
+  with pytest.raises(CheckpointError, match='progress.json is damaged.*expert 1'):
+    store.experts()  # never silently one expert fewer
+  repaired = _train(copy, _spec())
+  assert repaired.experts() == [0, 1]
+  _assert_same(_trajectory(trained[1], 1), _trajectory(repaired, 1))
+
+
 def test_missing_store_is_a_clear_error(tmp_path):
   with pytest.raises(CheckpointError, match='mode=experts'):
     experts.TrajectoryStore(str(tmp_path / 'nothing'))

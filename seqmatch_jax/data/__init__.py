@@ -5,6 +5,7 @@ from seqmatch_jax.data.datasets import Dataset
 from seqmatch_jax.data.datasets import dataset_names
 from seqmatch_jax.data.datasets import IMAGENET_SUBSETS
 from seqmatch_jax.data.datasets import load_dataset
+from seqmatch_jax.data.datasets import peek_image_shape
 from seqmatch_jax.data.datasets import split_validation
 from seqmatch_jax.data.preprocess import fit_preprocessor
 from seqmatch_jax.data.preprocess import Preprocessor
@@ -17,5 +18,6 @@ __all__ = [
     'dataset_names',
     'fit_preprocessor',
     'load_dataset',
+    'peek_image_shape',
     'split_validation',
 ]

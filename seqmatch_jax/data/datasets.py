@@ -20,6 +20,7 @@ import pathlib
 import re
 import tempfile
 from typing import Any
+import zipfile
 
 from absl import logging
 import numpy as np
@@ -720,13 +721,32 @@ def load_tiny_imagenet(data_dir: str | None) -> Dataset:
 # A user's own npz file.
 
 
+def _npz_image_shape(shape: tuple[int, ...], key: str,
+                     path: str) -> tuple[int, int, int]:
+  """(H, W, C) of an npz image array of `shape`, refusing other layouts.
+
+  Checks the shape alone, so the CLI can run it on the file header before
+  loading anything. A channels-first array would otherwise be read as 1xH
+  (or 3xH) images with H channels and train without an error.
+  """
+  if len(shape) == 3:  # (N, H, W) greyscale: a channel axis is added.
+    shape = (*shape, 1)
+  if len(shape) != 4 or min(shape) == 0:
+    raise DataError(f'{path}: {key} has shape {tuple(shape)}; expected '
+                    'non-empty NHWC images (N, H, W, C)')
+  if shape[1] in (1, 3) and shape[-1] not in (1, 3):
+    raise DataError(
+        f'{path}: {key} has shape {tuple(shape)}, which is channels-first '
+        f'(N, C, H, W) but images must be NHWC (N, H, W, C); save '
+        f'{key}.transpose(0, 2, 3, 1) instead')
+  return int(shape[1]), int(shape[2]), int(shape[3])
+
+
 def _npz_images(f, key: str, path: str) -> np.ndarray:
   x = f[key]
+  _npz_image_shape(x.shape, key, path)
   if x.ndim == 3:  # (N, H, W) greyscale: add the channel axis.
     x = x[..., None]
-  if x.ndim != 4 or min(x.shape) == 0:
-    raise DataError(f'{path}: {key} has shape {x.shape}; expected non-empty '
-                    'NHWC images (N, H, W, C)')
   if x.dtype == np.uint8:
     return x
   if not np.issubdtype(x.dtype, np.floating):
@@ -755,6 +775,50 @@ def _npz_labels(f, key: str, path: str, n: int) -> np.ndarray:
   return y.astype(np.int64)
 
 
+def _npz_path(data_dir: str | None) -> str:
+  """The npz dataset's path, refusing a missing file or a directory."""
+  path = _require_data_dir('npz', data_dir, 'the path of your .npz file')
+  if os.path.isdir(path):
+    found = sorted(p.name for p in pathlib.Path(path).glob('*.npz'))[:3]
+    held = f' (it holds {", ".join(found)})' if found else ''
+    raise DataError(f'npz dataset path {path} is a directory{held}; set '
+                    '--config.dataset.data_dir to the .npz file itself, e.g. '
+                    f'{os.path.join(path, found[0] if found else "data.npz")}')
+  if not os.path.isfile(path):
+    raise DataError(f'npz dataset file {path} does not exist; set '
+                    '--config.dataset.data_dir to the path of an .npz with '
+                    'x_train, y_train, x_test, y_test')
+  return path
+
+
+def _open_npz(path: str) -> np.lib.npyio.NpzFile:
+  """Opens an npz archive lazily; a lone .npy array gets the exact fix."""
+  try:
+    # mmap: a large .npy given by mistake is not read just to refuse it.
+    f = np.load(path, allow_pickle=False, mmap_mode='r')
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f'{path} is not a readable .npz file ({type(e).__name__}); '
+                    're-save it with numpy.savez') from None
+  if not isinstance(f, np.lib.npyio.NpzFile):
+    raise DataError(f'{path} holds a single .npy array (shape {f.shape}), not '
+                    'an .npz archive of the dataset; save it with '
+                    'numpy.savez("data.npz", x_train=..., y_train=..., '
+                    'x_test=..., y_test=...) and pass that file')
+  return f
+
+
+def _npz_array_shape(path: str, key: str) -> tuple[int, ...] | None:
+  """Shape of `key` read from its .npy header only (None if unreadable)."""
+  try:
+    with zipfile.ZipFile(path) as z, z.open(f'{key}.npy') as f:
+      version = np.lib.format.read_magic(f)
+      read = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+              np.lib.format.read_array_header_2_0)
+      return tuple(read(f)[0])
+  except Exception:  # pylint: disable=broad-except
+    return None  # the loader reports what is wrong with the file
+
+
 def load_npz(data_dir: str | None) -> Dataset:
   """A user's own dataset: `data_dir` is the path of an .npz file.
 
@@ -762,21 +826,8 @@ def load_npz(data_dir: str | None) -> Dataset:
   grey; uint8 0..255 or float in [0, 1]; integer labels 0..C-1); optional
   class_names (C strings). mean/std are computed from x_train.
   """
-  path = _require_data_dir('npz', data_dir, 'the path of your .npz file')
-  if not os.path.isfile(path):
-    raise DataError(f'npz dataset file {path} does not exist; set '
-                    '--config.dataset.data_dir to the path of an .npz with '
-                    'x_train, y_train, x_test, y_test')
-  try:
-    f = np.load(path, allow_pickle=False)
-  except Exception as e:  # pylint: disable=broad-except
-    raise DataError(f'{path} is not a readable .npz file ({type(e).__name__}); '
-                    're-save it with numpy.savez') from None
-  with f:
-    if not hasattr(f, 'files'):
-      raise DataError(f'{path} holds a single array, not an .npz archive; save '
-                      'it with numpy.savez(path, x_train=..., y_train=..., '
-                      'x_test=..., y_test=...)')
+  path = _npz_path(data_dir)
+  with _open_npz(path) as f:
     missing = [k for k in ('x_train', 'y_train', 'x_test', 'y_test')
                if k not in f.files]
     if missing:
@@ -848,6 +899,39 @@ def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
     raise DataError(f'unknown dataset {name!r}; choose one of: '
                     f'{", ".join(dataset_names())}')
   return DATASETS[key](data_dir)
+
+
+# (H, W, C) of the registered datasets whose size is fixed by their loader.
+_IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {
+    'digits': (8, 8, 1),
+    'mnist': (28, 28, 1),
+    'fashion_mnist': (28, 28, 1),
+    'svhn_cropped': (32, 32, 3),
+    'svhn': (32, 32, 3),
+    'cifar10': (32, 32, 3),
+    'cifar100': (32, 32, 3),
+    'tiny_imagenet': (TINY_RESOLUTION, TINY_RESOLUTION, 3),
+    'imagenette_fastai': (IMAGENET_RESOLUTION, IMAGENET_RESOLUTION, 3),
+    **{subset: (IMAGENET_RESOLUTION, IMAGENET_RESOLUTION, 3)
+       for subset in IMAGENET_SUBSETS},
+}
+
+
+def peek_image_shape(name: str,
+                     data_dir: str | None = None) -> tuple[int, int, int] | None:
+  """(H, W, C) of a dataset's images without loading it; None if unknown.
+
+  Lets the CLI refuse a network too deep for the images, and a misplaced or
+  channels-first npz, in a second instead of after minutes of loading. For
+  npz only the file header is read; its problems raise the loader's DataError.
+  """
+  key = name.strip().lower().replace('-', '_')
+  if key != 'npz':
+    return _IMAGE_SHAPES.get(key)
+  path = _npz_path(data_dir)
+  _open_npz(path).close()
+  shape = _npz_array_shape(path, 'x_train')
+  return None if shape is None else _npz_image_shape(shape, 'x_train', path)
 
 
 def _balanced_quotas(capacity: np.ndarray, total: int,

@@ -36,6 +36,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from seqmatch_jax.errors import ConfigError
 from seqmatch_jax.models.conv import Conv
 from seqmatch_jax.models.conv import Dense
 from seqmatch_jax.models.conv import resolve_conv_impl
@@ -257,6 +258,51 @@ class AlexNet(nn.Module):
     if embed:  # DM's embedding: the features the classifier reads
       return x
     return Dense(self.num_classes, name='classifier')(x)
+
+
+def _convnet_side(image_shape: tuple[int, ...]) -> int:
+  """Shorter side the first ConvNet block sees (28x28 is padded to 32x32)."""
+  h, w = int(image_shape[0]), int(image_shape[1])
+  return min(h, w) + 4 if (h, w) == (28, 28) else min(h, w)
+
+
+def max_convnet_depth(image_shape: tuple[int, ...]) -> int:
+  """Deepest ConvNet whose every 2x2 pooling still halves the map."""
+  side, depth = _convnet_side(image_shape), 0
+  while side >= 2:
+    side //= 2
+    depth += 1
+  return depth
+
+
+def check_image_size(name: str, image_shape: tuple[int, ...], depth: int) -> None:
+  """Refuses a ConvNet too deep for the images, before any training.
+
+  Each of the `depth` blocks halves the side (floor), and pooling is skipped
+  on a 1-pixel side; so a too-deep net ends with blocks on 1x1 maps, where
+  instance norm outputs a constant and training silently stays at chance.
+  The other architectures have a fixed design and are not checked here.
+
+  Raises:
+    ConfigError: naming the depth that fits these images and the image size
+      this depth needs.
+  """
+  if name != 'convnet' or len(image_shape) != 3 or depth < 1:
+    return
+  h, w = int(image_shape[0]), int(image_shape[1])
+  fits = max_convnet_depth(image_shape)
+  if fits >= depth:
+    return
+  need = 2**depth
+  if fits == 0:
+    raise ConfigError(
+        f'images of {h}x{w} are too small for a ConvNet (it needs at least 2x2, '
+        f'and {need}x{need} for model.depth={depth}); use larger images')
+  raise ConfigError(
+      f'model.depth={depth} is too deep for {h}x{w} images: the ConvNet halves '
+      f'the side {depth} times, so its last blocks would see 1x1 maps and '
+      f'train at chance; set --config.model.depth={fits} or less, or use images '
+      f'of at least {need}x{need}')
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
