@@ -29,7 +29,7 @@ def _positive(config, *keys: str, allow_zero: bool = False) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first problem found."""
   from seqmatch_jax import augment, data, models  # pylint: disable=g-import-not-at-top
-  from seqmatch_jax import backbones, seqmatch  # pylint: disable=g-import-not-at-top
+  from seqmatch_jax import backbones, config_lib, seqmatch  # pylint: disable=g-import-not-at-top
   if config.mode not in MODES:
     raise ConfigError(f'mode must be one of {"|".join(MODES)}, got {config.mode!r}.')
   if not isinstance(config.ipc, int) or config.ipc < 1:
@@ -78,6 +78,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   # also checks K, the subset sizes and the per-subset tuples).
   backbone = backbones.backbone_class(config.backbone.name)
   backbone.validate(config, seqmatch.subset_plans(config))
+  if config.seqmatch.compare_backbone and config.seqmatch.num_subsets > 1:
+    # The plain-backbone comparison reads the scalars the per-subset tuples
+    # override: a bad scalar must not wait until that run starts.
+    plain = config_lib.clear_subsets(ml_collections.ConfigDict(config.to_dict()))
+    backbone.validate(plain, seqmatch.subset_plans(plain))
   if config.mode == 'evaluate' and config.eval.synthetic:
     if not os.path.isfile(config.eval.synthetic):
       raise ConfigError(f'eval.synthetic={config.eval.synthetic!r} is not a file; '

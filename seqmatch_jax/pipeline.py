@@ -33,7 +33,7 @@ from seqmatch_jax import seqmatch
 from seqmatch_jax import synthetic
 from seqmatch_jax import visualize
 from seqmatch_jax.errors import Interrupted
-from seqmatch_jax.models import create_network
+from seqmatch_jax.models import check_image_size, create_network
 
 
 @dataclasses.dataclass
@@ -126,6 +126,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
       os.path.join(workdir, 'config.json'),
       config.to_json_best_effort(indent=1, sort_keys=True)), 'config.json')
   data = prepare_data(config, workdir)
+  check_image_size(config.model.name, data.image_shape, config.model.depth)
   network = create_network(config.model.name, data.num_classes, data.image_shape,
                            width=config.model.width, depth=config.model.depth,
                            norm=config.model.norm, conv_impl=config.model.conv_impl)

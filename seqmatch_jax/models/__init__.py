@@ -5,6 +5,7 @@ from seqmatch_jax.models.conv import conv2d
 from seqmatch_jax.models.conv import CONV_IMPLS
 from seqmatch_jax.models.conv import Dense
 from seqmatch_jax.models.conv import resolve_conv_impl
+from seqmatch_jax.models.networks import check_image_size
 from seqmatch_jax.models.networks import create_network
 from seqmatch_jax.models.networks import MODEL_NAMES
 from seqmatch_jax.models.networks import Network
@@ -21,6 +22,7 @@ __all__ = [
     'Network',
     'Params',
     'State',
+    'check_image_size',
     'conv2d',
     'create_network',
     'resolve_conv_impl',
