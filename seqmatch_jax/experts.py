@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from seqmatch_jax import files
 from seqmatch_jax import parallel
 from seqmatch_jax import training
 from seqmatch_jax.errors import CheckpointError
@@ -56,11 +57,7 @@ def tree_crc32(tree: Any) -> int:
 
 
 def _write_json(path: str, obj: Any) -> None:
-  """Atomic JSON write: a kill mid-write never leaves a half file."""
-  tmp = f'{path}.{os.getpid()}.tmp'  # several processes may share the directory
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+  files.write_json(path, obj, indent=1, sort_keys=True)
 
 
 def _read_json(path: str, fix: str, required: Sequence[str] = ()) -> dict:
@@ -398,10 +395,7 @@ def _save_snapshot(store: TrajectoryStore, expert: int, epoch: int, params, stat
   if opt_state is not None:
     item['opt_state'] = _indexed_leaves(opt_state)
   path = store.snapshot_path(expert, epoch)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f'{path}.{os.getpid()}.tmp.npz'
-  np.savez(tmp, **_flatten(item))
-  os.replace(tmp, path)  # a stale file from a killed attempt is replaced whole
+  files.write_npz(path, **_flatten(item))  # a stale file is replaced whole
   progress = store.progress(expert)
   progress['snapshots'][str(epoch)] = dict(
       crc=tree_crc32(item), bytes=_snapshot_bytes(store, expert, epoch), **stats)

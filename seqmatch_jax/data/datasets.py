@@ -26,6 +26,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from seqmatch_jax import files
 from seqmatch_jax.errors import ConfigError, DataError
 
 # Per-channel normalisation constants used by the reference code (DC/DSA, MTT,
@@ -207,18 +208,6 @@ def _cache_dir(preferred: pathlib.Path) -> pathlib.Path | None:
   return None
 
 
-def save_npz_atomic(path: pathlib.Path, **arrays: Any) -> None:
-  """Writes an npz via temp file + rename: a crash never leaves half a file."""
-  tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-  try:
-    with open(tmp, 'wb') as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-
-
 def _load_cached_arrays(path: pathlib.Path,
                         fingerprint: str) -> dict[str, np.ndarray] | None:
   """Returns the cached arrays if the file is intact and matches."""
@@ -247,7 +236,7 @@ def _store_cache(path: pathlib.Path | None, fingerprint: str,
   if path is None:
     return
   try:
-    save_npz_atomic(path, fingerprint=np.asarray(fingerprint), **arrays)
+    files.write_npz(str(path), fingerprint=np.asarray(fingerprint), **arrays)
     logging.info('Cached decoded images in %s', path)
   except OSError as e:
     logging.warning('Could not write cache %s: %s', path, e)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqmatch_jax import files
 from seqmatch_jax.data import datasets
 from seqmatch_jax.data.datasets import Dataset
 from seqmatch_jax.errors import DataError
@@ -161,7 +162,7 @@ def _save_zca_cache(path: pathlib.Path, key: str, eps: float, mu: np.ndarray,
                     w: np.ndarray, w_inv: np.ndarray) -> None:
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
-    datasets.save_npz_atomic(path, key=np.asarray(key), eps=np.asarray(eps),
+    files.write_npz(str(path), key=np.asarray(key), eps=np.asarray(eps),
                              zca_mean=mu, zca_whiten=w, zca_unwhiten=w_inv)
   except OSError as e:
     logging.warning('Could not write ZCA cache %s: %s', path, e)
