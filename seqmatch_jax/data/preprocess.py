@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqmatch_jax import files
-from seqmatch_jax.data import datasets
 from seqmatch_jax.data.datasets import Dataset
 from seqmatch_jax.errors import DataError
 
