@@ -18,10 +18,12 @@ TABLES = {
          'seqmatch.num_subsets': 2, 'mtt.per_subset.max_start_epoch': (20, 10),
          'mtt.per_subset.syn_steps': (30, 80), 'mtt.per_subset.expert_epochs': (2, 3)},
     # Table 4: K 3, T+ {20,20,10}, N 30, M 2, lr_img 100, lr_lr 1e-5,
-    # lr_teacher 0.01, no ZCA (as MTT ipc 50).
-    50: {'experts.staged_epochs': 50, 'mtt.syn_steps': 30, 'mtt.expert_epochs': 2,
+    # lr_teacher 0.01. ZCA: MTT's ipc-50 run has none, but the official
+    # SeqMatch script (seqmatch-mtt/run.sh) passes --zca to every phase of its
+    # CIFAR-10 ipc-50 run; we follow SeqMatch's script.
+    50: {'mtt.syn_steps': 30, 'mtt.expert_epochs': 2,
          'mtt.max_start_epoch': 40, 'mtt.lr_img': 100.0,
-         'mtt.lr_lr': 1e-5, 'mtt.lr_teacher': 0.01, 'dataset.zca': False,
+         'mtt.lr_lr': 1e-5, 'mtt.lr_teacher': 0.01, 'dataset.zca': True,
          'seqmatch.num_subsets': 3, 'mtt.per_subset.max_start_epoch': (20, 20, 10)},
 }
 

@@ -15,7 +15,7 @@ TABLES = {
          'mtt.lr_lr': 1e-5, 'mtt.lr_teacher': 0.01, 'dataset.zca': False,
          'seqmatch.num_subsets': 2, 'mtt.per_subset.max_start_epoch': (20, 40)},
     # Table 4: K 3, T+ {40,20,20}, N 80, M 2, batch_syn 125, lr_img 1000, ZCA.
-    50: {'experts.staged_epochs': 50, 'mtt.syn_steps': 80, 'mtt.expert_epochs': 2,
+    50: {'mtt.syn_steps': 80, 'mtt.expert_epochs': 2,
          'mtt.max_start_epoch': 40, 'mtt.lr_img': 1000.0,
          'mtt.lr_lr': 1e-5, 'mtt.lr_teacher': 0.01, 'dataset.zca': True,
          'mtt.batch_syn': 125, 'seqmatch.num_subsets': 3,

@@ -9,9 +9,12 @@ reference hyperparameters, and applies variant arguments such as
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from seqmatch_jax import backbones
+from seqmatch_jax.errors import ConfigError
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -213,7 +216,7 @@ MNIST_LIKE_TABLES = {
          'mtt.max_start_epoch': 20, 'mtt.lr_img': 100.0,
          'mtt.lr_lr': 1e-5, 'mtt.lr_teacher': 0.01,
          'seqmatch.num_subsets': 2, 'mtt.per_subset.max_start_epoch': (20, 10)},
-    50: {'experts.staged_epochs': 50, 'mtt.syn_steps': 30, 'mtt.expert_epochs': 2,
+    50: {'mtt.syn_steps': 30, 'mtt.expert_epochs': 2,
          'mtt.max_start_epoch': 40, 'mtt.lr_img': 100.0,
          'mtt.lr_lr': 1e-5, 'mtt.lr_teacher': 0.01,
          'seqmatch.num_subsets': 3, 'mtt.per_subset.max_start_epoch': (20, 20, 10)},
@@ -232,3 +235,75 @@ def imagenet_subset_config(name: str, arg: str | None,
            'mtt.per_subset.max_start_epoch': tuple(max_start_epoch)},
   }
   return table_config(name, arg, tables, {'model.depth': 5})
+
+
+def _load_config_file(path: str):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('_config_file', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _with_variant(arg: str, key: str, value) -> str:
+  items = [i for i in (arg or '').split(',') if i and not i.startswith(f'{key}=')]
+  return ','.join(items + [f'{key}={value}'])
+
+
+def _flat(c: ml_collections.ConfigDict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in c.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def reconcile_overrides(config: ml_collections.ConfigDict, overrides: dict,
+                        config_spec: str) -> list[str]:
+  """Command-line overrides that would silently change meaning.
+
+  - `--config.ipc=N`: a table config picks its hyperparameter row from the
+    *variant* ipc, so the override would keep another row's values. Refused
+    (ConfigError) with the command that picks row N, when the rows differ.
+  - `--config.<backbone>.<name>=v` where the config's per-subset tuple
+    `<backbone>.per_subset.<name>` is set (and not overridden too): the tuple
+    would shadow v for SeqMatch. Applied consistently instead: the tuple is
+    emptied, so every subset (and the plain comparison) uses v.
+
+  Returns one line per adjustment made, for the log.
+  """
+  notes = []
+  path, _, arg = config_spec.partition(':')
+  ipc = overrides.get('ipc')
+  if (isinstance(ipc, int) and ipc >= 1 and path.endswith('.py')
+      and os.path.isfile(path)):
+    module = _load_config_file(path)
+    try:
+      base = module.get_config(arg or None)
+      row = module.get_config(_with_variant(arg, 'ipc', overrides['ipc']))
+    except (ValueError, TypeError, KeyError, AttributeError):
+      base = row = None  # the file has no ipc variant: nothing to pick
+    if base is not None:
+      old, new = _flat(base), _flat(row)
+      diff = sorted(k for k in set(old) | set(new)
+                    if k != 'ipc' and old.get(k) != new.get(k))
+      if diff:
+        raise ConfigError(
+            f'--config.ipc={overrides["ipc"]} would keep the settings {path} '
+            f'picks for ipc={base.ipc} ({", ".join(diff[:6])}'
+            f'{", ..." if len(diff) > 6 else ""} differ for '
+            f'ipc={overrides["ipc"]}); use '
+            f'--config={path}:{_with_variant(arg, "ipc", overrides["ipc"])} '
+            'instead of --config.ipc.')
+  for key in backbones.default_configs():
+    for name in config[key].per_subset:
+      scalar, tuple_key = f'{key}.{name}', f'{key}.per_subset.{name}'
+      if scalar in overrides and tuple_key not in overrides and \
+          config[key].per_subset[name]:
+        notes.append(f'--config.{scalar}={overrides[scalar]} applies to every '
+                     f'subset: it replaces the config\'s {tuple_key}='
+                     f'{tuple(config[key].per_subset[name])}')
+        config[key].per_subset[name] = ()
+  return notes

@@ -62,6 +62,7 @@ class LoopOptions:
   trajectories_per_step: int = 0  # 0 = one per device
   progress: bool = True
   log_name: str = 'distill'  # TensorBoard prefix: runs sharing a writer stay apart
+  record: dict | None = None  # settings that define the subset (checked on resume)
 
 
 def init_state(backbone: Backbone, plan: SubsetPlan, images: jax.Array,
@@ -248,7 +249,8 @@ def distill_subset(backbone: Backbone, plan: SubsetPlan, source: Source, *,
   fresh = parallel.replicate(init_state(backbone, plan, init_images, key), mesh)
   ckpt_dir = options.ckpt_dir
   state, mgr = restore_or_init(ckpt_dir, fresh)
-  _check_run_record(ckpt_dir, traj, num_devices, resumed=int(state.iteration) > 0)
+  _check_run_record(ckpt_dir, traj, num_devices, resumed=int(state.iteration) > 0,
+                    record=options.record)
   start = int(state.iteration)
   name = f'{options.log_name}/subset{plan.index + 1}'
   if start:
@@ -312,8 +314,37 @@ def distill_subset(backbone: Backbone, plan: SubsetPlan, source: Source, *,
   return state
 
 
+def check_record(old: dict | None, new: dict, where: str) -> None:
+  """Refuses to continue work made under other settings (naming them)."""
+  if old is None:
+    return
+  diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  if diff:
+    changes = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff)
+    raise UserError(
+        f'{where} was made with other settings ({changes}). Either restore '
+        'them (the per-subset value may come from <backbone>.per_subset.*), or '
+        'use a new --workdir; delete that folder to redo it with the new ones.')
+
+
+def read_run_record(ckpt_dir: str) -> dict:
+  """The record a run wrote beside its checkpoints ({} when there is none)."""
+  path = os.path.join(ckpt_dir, 'run.json')
+  if not parallel.agree(os.path.exists(path)):
+    return {}
+  try:
+    with open(path) as f:
+      old = json.load(f)
+    int(old['trajectories_per_step'])
+    return old
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(
+        f'{path} is damaged ({type(e).__name__}); delete the folder {ckpt_dir} '
+        'to distil that subset again from its start, or start a new workdir.') from e
+
+
 def _check_run_record(ckpt_dir: str, traj: int, num_devices: int,
-                      resumed: bool) -> None:
+                      resumed: bool, record: dict | None = None) -> None:
   """Records the trajectories per step of a run; a resumed run must keep it.
 
   The number of devices (hosts x devices per host) may change between a run
@@ -324,16 +355,11 @@ def _check_run_record(ckpt_dir: str, traj: int, num_devices: int,
   silently change it.
   """
   path = os.path.join(ckpt_dir, 'run.json')
-  if resumed and parallel.agree(os.path.exists(path)):
-    try:
-      with open(path) as f:
-        old = json.load(f)
-      old_traj = int(old['trajectories_per_step'])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      raise CheckpointError(
-          f'{path} is damaged ({type(e).__name__}); write it again as '
-          '{"trajectories_per_step": T, "devices": D} with the T the run used, '
-          'or start a new workdir.') from e
+  old = read_run_record(ckpt_dir) if resumed else {}
+  if old:
+    if record is not None:
+      check_record(old.get('settings'), record, ckpt_dir)
+    old_traj = int(old['trajectories_per_step'])
     if old_traj != traj:
       hint = (f'set --config.distill.trajectories_per_step={old_traj}'
               if old_traj % num_devices == 0 else
@@ -345,7 +371,8 @@ def _check_run_record(ckpt_dir: str, traj: int, num_devices: int,
           f'the same run, {hint}; or start a new workdir.')
     return
   parallel.main_only(lambda: files.write_json(
-      path, dict(trajectories_per_step=traj, devices=num_devices)), path)
+      path, dict(trajectories_per_step=traj, devices=num_devices,
+                 settings=record)), path)
 
 
 def _evaluate(backbone: Backbone, state: DistillState, evaluate_fn, frozen, writer,

@@ -22,6 +22,8 @@ import ml_collections
 from ml_collections import config_flags
 import tqdm
 
+from seqmatch_jax import config_lib
+from seqmatch_jax import configuration
 from seqmatch_jax import data as data_lib
 from seqmatch_jax import parallel
 from seqmatch_jax import paths
@@ -203,7 +205,13 @@ def main(argv):
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     _fail(f'cannot load the config file: {lines[-1] if lines else type(e).__name__}')
   try:
+    notes = config_lib.reconcile_overrides(
+        config, config_flags.get_override_values(FLAGS['config']),
+        FLAGS['config'].config_filename)
     _preflight(config, FLAGS.workdir)
+    configuration.validate(config)  # a refused config prints its error alone
+    for note in notes:
+      logging.info('%s', note)
     pipeline.run(config, FLAGS.workdir)
   except UserError as e:
     _fail(str(e))

@@ -122,11 +122,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   if not parallel.is_main_process():
     logging.set_verbosity(logging.WARNING)  # process 0 alone logs progress
   os.makedirs(workdir, exist_ok=True)
-  parallel.main_only(lambda: files.write_text(
-      os.path.join(workdir, 'config.json'),
-      config.to_json_best_effort(indent=1, sort_keys=True)), 'config.json')
   data = prepare_data(config, workdir)
   check_image_size(config.model.name, data.image_shape, config.model.depth)
+  if config.mode in ('all', 'distill'):
+    for tag, cfg in distillation_runs(config):
+      seqmatch.check_finished_work(cfg, os.path.join(workdir, tag))
+  # Only now is the run known to start: a refused run leaves config.json alone.
+  parallel.main_only(lambda: write_config(config, workdir), 'config.json')
   network = create_network(config.model.name, data.num_classes, data.image_shape,
                            width=config.model.width, depth=config.model.depth,
                            norm=config.model.norm, conv_impl=config.model.conv_impl)
@@ -209,12 +211,32 @@ def set_names(config) -> tuple[str, str]:
   return (f'SeqMatch-{title} (K={k})' if k > 1 else title), title
 
 
-def distill(config, workdir, data, network, key, stop, writer):
-  mesh = parallel.make_mesh(config.parallel.num_devices)
+def distillation_runs(config) -> list[tuple[str, ml_collections.ConfigDict]]:
+  """(folder tag, config) of this run and of its plain-backbone comparison."""
   runs = [('', config)]
   if config.seqmatch.compare_backbone and config.seqmatch.num_subsets > 1:
     runs.append((config.backbone.name, plain_config(config)))
-  for tag, cfg in runs:
+  return runs
+
+
+def write_config(config, workdir: str) -> None:
+  """config.json; an earlier, different one is kept as config.previous-N.json."""
+  path = os.path.join(workdir, 'config.json')
+  text = config.to_json_best_effort(indent=1, sort_keys=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return
+    n = 1
+    while os.path.exists(os.path.join(workdir, f'config.previous-{n}.json')):
+      n += 1
+    os.replace(path, os.path.join(workdir, f'config.previous-{n}.json'))
+  files.write_text(path, text)
+
+
+def distill(config, workdir, data, network, key, stop, writer):
+  mesh = parallel.make_mesh(config.parallel.num_devices)
+  for tag, cfg in distillation_runs(config):
     out = os.path.join(workdir, tag, 'synthetic.npz')
     if parallel.agree(os.path.exists(out)):
       logging.info('%s exists: distillation done', out)

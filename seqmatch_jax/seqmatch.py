@@ -88,9 +88,10 @@ def subset_plans(config: ml_collections.ConfigDict) -> list[backbones.SubsetPlan
   columns = {}
   for name in cls.per_subset:
     key = f'{cls.config_key}.per_subset.{name}'
-    column = _per_subset(node.per_subset[name], scalars[name], k, key)
     kind = type(scalars[name]) if isinstance(scalars[name], (int, float)) else float
-    columns[name] = _numbers(column, key, kind)
+    values = node.per_subset[name]
+    _numbers(values if isinstance(values, (tuple, list)) else (values,), key)
+    columns[name] = _numbers(_per_subset(values, scalars[name], k, key), key, kind)
   plans = []
   for i in range(k):
     values = dict(scalars, **{n: c[i] for n, c in columns.items()})
@@ -135,6 +136,51 @@ def initial_images(key: jax.Array, x_train, y_train, sizes: list[int],
   return np.concatenate(blocks).astype(np.float32)
 
 
+# Keys whose values define a subset's result; `iterations` may change (a run
+# can be continued for longer), so may checkpointing, remat and the final
+# evaluation's settings (it is recomputed on every run).
+RECORDED_KEYS = ('backbone.name', 'ipc', 'seqmatch.num_subsets', 'seed',
+                 'augment.strategy', 'model.name', 'model.width', 'model.depth',
+                 'model.norm', 'dataset.name', 'dataset.zca', 'dataset.val_size',
+                 'distill.pix_init', 'distill.eval_every', 'distill.eval_models',
+                 'distill.eval_epochs')
+_UNRECORDED_SETTINGS = ('iterations', 'remat')
+
+
+def subset_record(config: ml_collections.ConfigDict,
+                  plan: backbones.SubsetPlan) -> dict:
+  """The settings that define subset `plan.index`: recorded with its
+  checkpoint and its finished file, compared on every rerun."""
+  node = backbones.backbone_class(config.backbone.name).config_key
+  record = {}
+  for dotted in RECORDED_KEYS:
+    value = config
+    for part in dotted.split('.'):
+      value = value[part]
+    record[dotted] = list(value) if isinstance(value, tuple) else value
+  record['images per class of this subset'] = plan.ipc
+  record[f'{node}.lr_img'] = plan.lr_img
+  for name, value in sorted(plan.settings.items()):
+    if name not in _UNRECORDED_SETTINGS:
+      record[f'{node}.{name}'] = value
+  return record
+
+
+def check_finished_work(config: ml_collections.ConfigDict, root: str) -> None:
+  """Before a run starts: every subset already begun or finished under `root`
+  must have been made with this config's settings."""
+  for plan in subset_plans(config):
+    new = subset_record(config, plan)
+    path = os.path.join(root, 'subsets', f'subset_{plan.index + 1}.npz')
+    if parallel.agree(os.path.exists(path)):
+      distill_lib.check_record(synthetic.load_subset(path)[3], new, path)
+    ckpt = os.path.join(root, 'distill', f'subset_{plan.index + 1}')
+    if not parallel.agree(os.path.isdir(ckpt) and any(
+        name.isdigit() for name in os.listdir(ckpt))):
+      continue  # no checkpoint: nothing would be continued
+    distill_lib.check_record(distill_lib.read_run_record(ckpt).get('settings'), new, ckpt)
+
+
 @dataclasses.dataclass
 class Context:
   """What the subset loop (and a backbone's `prepare`) needs from the pipeline."""
@@ -174,22 +220,24 @@ def distill_all(ctx: Context, tag: str = '') -> synthetic.SyntheticSet:
     k = plan.index
     mine = subset == k
     path = os.path.join(root, 'subsets', f'subset_{k + 1}.npz')
+    record = subset_record(config, plan)
     if parallel.agree(os.path.exists(path)):
-      images, lr = _finished_subset(path, init[mine], labels[mine])
+      images, lr = _finished_subset(path, init[mine], labels[mine], record)
     else:
       source = backbone.prepare(ctx, plan, done)
       images, lr = _distill_one(ctx, backbone, plan, source, done, init[mine],
-                                labels, subset, root, tag)
-      parallel.main_only(lambda: synthetic.save_subset(path, images, lr, labels[mine]),
-                         f'subset {tag} {k + 1}')
+                                labels, subset, root, tag, record)
+      parallel.main_only(lambda: synthetic.save_subset(
+          path, images, lr, labels[mine], record), f'subset {tag} {k + 1}')
     done = backbones.Done(np.concatenate([done.images, images]),
                           labels[subset <= k], subset[subset <= k], done.lrs + [lr])
   return synthetic.SyntheticSet(done.images, labels, subset,
                                 np.asarray(done.lrs, np.float32), backbone.name)
 
 
-def _finished_subset(path: str, init, labels) -> tuple[np.ndarray, float]:
-  images, lr, stored_labels = synthetic.load_subset(path)
+def _finished_subset(path: str, init, labels, record) -> tuple[np.ndarray, float]:
+  images, lr, stored_labels, stored_record = synthetic.load_subset(path)
+  distill_lib.check_record(stored_record, record, path)
   if images.shape != init.shape or not np.array_equal(stored_labels, labels):
     raise ConfigError(
         f'{path} holds a subset of another shape or labelling than this config '
@@ -200,7 +248,8 @@ def _finished_subset(path: str, init, labels) -> tuple[np.ndarray, float]:
 
 
 def _distill_one(ctx: Context, backbone, plan, source, done: backbones.Done,
-                 init, labels, subset, root: str, tag: str) -> tuple[np.ndarray, float]:
+                 init, labels, subset, root: str, tag: str,
+                 record: dict) -> tuple[np.ndarray, float]:
   """Distils subset `plan.index` with the earlier ones frozen; returns its
   images (the best on the validation split when there is one) and lr."""
   config = ctx.config
@@ -218,7 +267,8 @@ def _distill_one(ctx: Context, backbone, plan, source, done: backbones.Done,
       checkpoint_every=config.distill.checkpoint_every,
       eval_every=config.distill.eval_every,
       trajectories_per_step=config.distill.trajectories_per_step,
-      progress=ctx.progress, log_name=f'distill_{tag}' if tag else 'distill')
+      progress=ctx.progress, log_name=f'distill_{tag}' if tag else 'distill',
+      record=record)
   state = distill_lib.distill_subset(
       backbone, plan, source, init_images=jnp.asarray(init),
       labels=jnp.asarray(labels[subset == k]), frozen=jnp.asarray(done.images),

@@ -40,10 +40,23 @@ class SyntheticSet:
 
 
 def preprocessing_tag(config) -> str:
-  """What model space means for a saved set: same tag, same preprocessing."""
+  """What model space means for a saved set (see `same_preprocessing`)."""
   return json.dumps(dict(dataset=config.dataset.name, zca=bool(config.dataset.zca),
                          val_size=config.dataset.val_size, seed=config.seed),
                     sort_keys=True)
+
+
+def same_preprocessing(tag: str, config) -> bool:
+  """Whether a set tagged `tag` lives in this config's model space. The
+  normalisation depends on the dataset alone; a ZCA whitening is fitted on the
+  training split, which the validation carve-out (val_size, seed) changes."""
+  try:
+    old = json.loads(tag)
+    new = json.loads(preprocessing_tag(config))
+    keys = ('dataset', 'zca') + (('val_size', 'seed') if new['zca'] else ())
+    return all(old[k] == new[k] for k in keys)
+  except (ValueError, KeyError, TypeError):
+    return False
 
 
 def save(path: str, syn: SyntheticSet, preprocessor, config) -> None:
@@ -122,7 +135,7 @@ def load(path: str, num_classes: int, image_shape, preprocessor=None,
   model = data.get('images_model')
   tag = data.get('preprocessing')
   if (model is not None and model.shape == images.shape and config is not None
-      and tag is not None and str(tag) == preprocessing_tag(config)):
+      and tag is not None and same_preprocessing(str(tag), config)):
     images = model.astype(np.float32)
   elif preprocessor is not None:
     logging.info('%s: converting its pixel images with this config\'s '
@@ -133,16 +146,20 @@ def load(path: str, num_classes: int, image_shape, preprocessor=None,
                       lrs, backbone)
 
 
-def save_subset(path: str, images: np.ndarray, lr: float, labels: np.ndarray) -> None:
+def save_subset(path: str, images: np.ndarray, lr: float, labels: np.ndarray,
+                settings: dict | None = None) -> None:
   files.write_npz(path, images_model=np.asarray(images, np.float32),
-                  lr=np.float32(lr), labels=np.asarray(labels))
+                  lr=np.float32(lr), labels=np.asarray(labels),
+                  settings=np.asarray(json.dumps(settings or {}, sort_keys=True)))
 
 
-def load_subset(path: str) -> tuple[np.ndarray, float, np.ndarray]:
-  """(model-space images, lr, labels) of a finished subset."""
+def load_subset(path: str) -> tuple[np.ndarray, float, np.ndarray, dict | None]:
+  """(model-space images, lr, labels, the settings that made it (None: not
+  recorded)) of a finished subset."""
   try:
     with np.load(path, allow_pickle=False) as f:
-      return f['images_model'], float(f['lr']), f['labels']
+      settings = json.loads(str(f['settings'])) if 'settings' in f.files else None
+      return f['images_model'], float(f['lr']), f['labels'], settings or None
   except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
     raise CheckpointError(
         f'{path} is damaged ({type(e).__name__}); delete it and rerun the same '

@@ -78,7 +78,9 @@ def _pin_run_config():
       'mtt.per_subset.lr_img': (1000.0, 100.0), 'eval.epochs': 3,
       'eval.num_models': 1, 'eval.baselines': (), 'dataset.val_size': 50,
       'parallel.num_devices': 1, 'mode': 'all', 'seqmatch.num_subsets': 2,
-      'seqmatch.compare_backbone': True})
+      'seqmatch.compare_backbone': True,
+      # The pin predates the official SeqMatch start-epoch window.
+      'mtt.start_epochs': 'mtt'})
   return c
 
 

@@ -304,3 +304,94 @@ def test_error_line_is_not_glued_to_a_progress_bar(capsys):
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert err.endswith('\nerror: boom; do this\n'), repr(err[-200:])
+
+
+# -- silent changes of meaning (issue 13) ---------------------------------------
+
+def _random_bytes_npz(tmp):
+  (tmp / 'x.npz').write_bytes(os.urandom(300))
+  return [DIGITS, '--config.mode=evaluate', f'--config.eval.synthetic={tmp}/x.npz']
+
+
+def _damaged_subset(tmp):
+  (tmp / 'run' / 'subsets').mkdir(parents=True)
+  (tmp / 'run' / 'subsets' / 'subset_1.npz').write_bytes(b'PK\x03\x04 truncated')
+  return [DIGITS, '--config.mode=distill']
+
+
+def _damaged_run_record(tmp):
+  ckpt = tmp / 'run' / 'distill' / 'subset_1'
+  (ckpt / '50').mkdir(parents=True)
+  (ckpt / 'run.json').write_text('{"trajectories_per_step": ')
+  return [DIGITS, '--config.mode=distill']
+
+
+CHANGED_MEANING = [
+    ('ipc_override_keeps_row', _fixed(DIGITS, '--config.ipc=2'),
+     'use --config=configs/digits.py:ipc=2 instead'),
+    ('per_subset_not_numbers',
+     _fixed(DIGITS, "--config.mtt.per_subset.max_start_epoch=('a','b')"),
+     'must hold numbers'),
+    ('random_bytes_as_synthetic', _random_bytes_npz, 'not a readable .npz archive'),
+    ('damaged_subset_file', _damaged_subset, 'delete it and rerun'),
+    ('damaged_run_record', _damaged_run_record, 'run.json is damaged'),
+]
+
+
+@pytest.mark.parametrize('make_args, phrase', [c[1:] for c in CHANGED_MEANING],
+                         ids=[c[0] for c in CHANGED_MEANING])
+def test_changed_meaning_fails_with_one_line(tmp_path, make_args, phrase):
+  args = make_args(tmp_path)
+  assert_one_error_line(run_main(*args, f'--workdir={tmp_path / "run"}'), phrase)
+
+
+def test_rerun_with_other_hyperparameters_is_refused_and_keeps_config(tmp_path):
+  """A finished subset made under other settings is never silently reused,
+  and the refused run leaves the earlier config.json alone."""
+  from configs import digits
+  from seqmatch_jax import seqmatch, synthetic
+  config = digits.get_config()
+  plan = seqmatch.subset_plans(config)[0]
+  record = seqmatch.subset_record(config, plan)
+  record['mtt.syn_steps'] = 99  # what the earlier run used
+  run = tmp_path / 'run'
+  synthetic.save_subset(str(run / 'subsets' / 'subset_1.npz'),
+                        np.zeros((50, 8, 8, 1)), 0.01, np.repeat(np.arange(10), 5),
+                        record)
+  (run / 'config.json').write_text('{"earlier": true}')
+  r = run_main(DIGITS, '--config.mode=distill', f'--workdir={run}')
+  assert_one_error_line(r, 'mtt.syn_steps: 99 -> 20')
+  assert 'new --workdir' in r.stderr
+  assert (run / 'config.json').read_text() == '{"earlier": true}'
+
+
+def test_scalar_override_replaces_the_per_subset_tuple():
+  from configs import digits
+  config = digits.get_config()
+  notes = config_lib.reconcile_overrides(
+      config, {'mtt.lr_img': 500.0}, os.path.join(ROOT, 'configs', 'digits.py'))
+  assert tuple(config.mtt.per_subset.lr_img) == () and 'every subset' in notes[0]
+  kept = digits.get_config()
+  assert config_lib.reconcile_overrides(
+      kept, {'mtt.lr_img': 500.0, 'mtt.per_subset.lr_img': (1.0, 2.0)},
+      'configs/digits.py') == []
+
+
+def test_ipc_override_within_a_row_is_allowed():
+  from configs import digits
+  config = digits.get_config()
+  assert config_lib.reconcile_overrides(
+      config, {'ipc': 12}, os.path.join(ROOT, 'configs', 'digits.py')) == []
+
+
+def test_model_space_is_reused_across_seeds_without_zca(tmp_path):
+  """mode=evaluate on a set saved under another seed uses its exact
+  model-space images: without ZCA the preprocessing does not depend on it."""
+  from configs import digits
+  from seqmatch_jax import synthetic
+  saved, now = digits.get_config(), digits.get_config()
+  now.seed = 7
+  tag = synthetic.preprocessing_tag(saved)
+  assert synthetic.same_preprocessing(tag, now)
+  saved.dataset.zca = now.dataset.zca = True
+  assert not synthetic.same_preprocessing(synthetic.preprocessing_tag(saved), now)

@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--config.model.width=8', '--config.model.depth=2', '--config.ipc=2',
+# ipc 2 as a variant (picks the ipc-1 row), K=2.
+CONFIG = 'configs/digits.py:ipc=2,k=2'
+TINY = ['--config.model.width=8', '--config.model.depth=2',
         '--config.experts.num=2', '--config.experts.epochs=3',
         '--config.experts.staged_epochs=2', '--config.mtt.syn_steps=3',
-        '--config.mtt.expert_epochs=1', '--config.mtt.max_start_epoch=1',
+        '--config.mtt.expert_epochs=1', '--config.mtt.max_start_epoch=2',
         '--config.mtt.per_subset.max_start_epoch=()', '--config.mtt.per_subset.iterations=(3,3)',
         '--config.mtt.iterations=4', '--config.distill.eval_every=3',
         '--config.distill.eval_epochs=3', '--config.eval.epochs=5',
@@ -65,7 +67,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, match):
 def test_all_modes_end_to_end_with_resume(tmp_path):
   # From another directory, with a relative workdir, as users type it.
   wd = str(tmp_path / 'run')
-  base = [f'--config={ROOT}/configs/digits.py', '--workdir=run', *TINY]
+  base = [f'--config={ROOT}/{CONFIG}', '--workdir=run', *TINY]
   # Interrupt during distillation, then rerun the same command.
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
   proc = subprocess.Popen([sys.executable, '-m', 'seqmatch_jax.main', *base],
@@ -92,7 +94,7 @@ def test_all_modes_end_to_end_with_resume(tmp_path):
   assert os.path.exists(os.path.join(wd, 'results.md'))
   assert json.load(open(os.path.join(wd, 'config.json')))['ipc'] == 2
   # mode=evaluate on the saved set (any npz of this format).
-  r = _run('--config=configs/digits.py', f'--workdir={tmp_path / "ev"}', *TINY,
+  r = _run(f'--config={CONFIG}', f'--workdir={tmp_path / "ev"}', *TINY,
            '--config.mode=evaluate', f'--config.eval.synthetic={wd}/synthetic.npz',
            '--config.eval.baselines=()')
   assert r.returncode == 0, r.stderr[-3000:]

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from tests.test_main import ROOT, TINY
+from tests.test_main import CONFIG, ROOT, TINY
 
 RUN = [*TINY, '--config.seqmatch.compare_backbone=False',
        '--config.eval.baselines=()', '--config.distill.checkpoint_every=1']
@@ -22,7 +22,7 @@ def _launch(workdir):
   # Its own process group, as a shell gives a foreground job: Ctrl-C is then
   # os.killpg(group, SIGINT).
   return subprocess.Popen(
-      ['bash', 'launch/local_processes.sh', '2', 'configs/digits.py', workdir,
+      ['bash', 'launch/local_processes.sh', '2', CONFIG, workdir,
        *RUN], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
       stderr=subprocess.DEVNULL, start_new_session=True)
 
@@ -61,7 +61,7 @@ def test_two_processes_stop_resume_equal_one_process(tmp_path):
 
   one = str(tmp_path / 'one')
   r = subprocess.run([sys.executable, '-m', 'seqmatch_jax.main',
-                      '--config=configs/digits.py', f'--workdir={one}', *RUN],
+                      f'--config={CONFIG}', f'--workdir={one}', *RUN],
                      cwd=ROOT, capture_output=True, text=True, timeout=600,
                      env=dict(ENV, XLA_FLAGS='--xla_force_host_platform_device_count=4'))
   assert r.returncode == 0, r.stderr[-3000:]

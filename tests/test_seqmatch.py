@@ -95,7 +95,7 @@ def _tiny_config(k):
   c.mtt.iterations = 4
   c.mtt.syn_steps = 3
   c.mtt.expert_epochs = 1
-  c.mtt.max_start_epoch = 1
+  c.mtt.max_start_epoch = 2  # SeqMatch draws starts in [0, 2 - 1)
   c.mtt.lr_img = 10.0
   c.mtt.lr_teacher = 0.05
   c.distill.checkpoint_every = 2

@@ -54,23 +54,37 @@ class MTT(base.Backbone):
     c.min_syn_lr = 1e-6  # syn_lr is projected onto [min_syn_lr, inf)
     c.batch_syn = 0  # 0 = the size of the subset being distilled
     c.remat = True  # jax.checkpoint per unrolled step: memory flat in N
+    # Start epochs: 'mtt' draws t in [0, T+) (MTT); 'seqmatch' in [0, T+ - M)
+    # as the official SeqMatch code (np.random.randint(0, T+ - M)), so T+
+    # bounds the target epoch too; 'auto' = seqmatch when K > 1, else mtt.
+    c.start_epochs = 'auto'
     c.per_subset = ml_collections.ConfigDict({n: () for n in PER_SUBSET})
     return c
 
   @classmethod
   def validate(cls, config, plans) -> None:
     super().validate(config, plans)
+    if config.mtt.start_epochs not in ('auto', 'mtt', 'seqmatch'):
+      raise ConfigError("mtt.start_epochs must be auto|mtt|seqmatch, got "
+                        f'{config.mtt.start_epochs!r}.')
     for p in plans:
       for name in PER_SUBSET:
         if getattr(p, name) <= 0:
           raise ConfigError(f'mtt.{name} of subset {p.index + 1} must be '
                             f'positive, got {getattr(p, name)}.')
+      bound = start_bound(config, p)
+      if bound < 1:
+        raise ConfigError(
+            f'Subset {p.index + 1}: max_start_epoch {p.max_start_epoch} leaves no '
+            f'start epoch before the target: SeqMatch draws starts in [0, T+ - M) '
+            f'= [0, {bound}); raise max_start_epoch above expert_epochs '
+            f'{p.expert_epochs} (or set --config.mtt.start_epochs=mtt).')
       horizon = config.experts.epochs if p.index == 0 else config.experts.staged_epochs
       which = 'experts.epochs' if p.index == 0 else 'experts.staged_epochs'
-      if p.max_start_epoch - 1 + p.expert_epochs > horizon:  # starts < T+
+      if bound - 1 + p.expert_epochs > horizon:
         raise ConfigError(
-            f'Subset {p.index + 1}: the last start epoch {p.max_start_epoch - 1}'
-            f' + expert_epochs {p.expert_epochs} exceeds {which}={horizon}; '
+            f'Subset {p.index + 1}: the last start epoch {bound - 1} + '
+            f'expert_epochs {p.expert_epochs} exceeds {which}={horizon}; '
             f'lower them or raise {which}.')
     if plans[0].min_syn_lr <= 0:
       raise ConfigError(f'mtt.min_syn_lr must be positive, got {plans[0].min_syn_lr}.')
@@ -109,24 +123,37 @@ class MTT(base.Backbone):
   def prepare(self, ctx, plan, done):
     store = (experts_lib.TrajectoryStore(ctx.experts_dir) if plan.index == 0
              else staged_experts(ctx, plan.index, done))
-    return ExpertWindows(store, plan, ctx.config.seed)
+    return ExpertWindows(store, plan, ctx.config.seed,
+                         start_bound(ctx.config, plan))
+
+
+def start_bound(config, plan: base.SubsetPlan) -> int:
+  """Start epochs are drawn from [0, bound): MTT's bound is T+; the official
+  SeqMatch code's is T+ - M, for every subset of a SeqMatch run."""
+  rule = config.mtt.start_epochs
+  if rule == 'auto':
+    rule = 'seqmatch' if config.seqmatch.num_subsets > 1 else 'mtt'
+  if rule == 'seqmatch':
+    return plan.max_start_epoch - plan.expert_epochs
+  return plan.max_start_epoch
 
 
 class ExpertWindows(base.Source):
   """Samples (θ_t, θ_{t+M}) windows from a fixed list of complete experts."""
 
   def __init__(self, store: experts_lib.TrajectoryStore, plan: base.SubsetPlan,
-               seed: int):
+               seed: int, bound: int | None = None):
     experts = store.experts()
     wanted = int(store.metadata.get('num_experts', len(experts)))
     if len(experts) < wanted:
       raise CheckpointError(
           f'Only {len(experts)} of {wanted} expert trajectories in {store.path} '
           'are complete; rerun mode=experts (or mode=all) to finish them first.')
-    if plan.max_start_epoch - 1 + plan.expert_epochs > store.epochs:
+    self.bound = plan.max_start_epoch if bound is None else bound
+    if self.bound - 1 + plan.expert_epochs > store.epochs:
       raise ConfigError(
-          f'Subset {plan.index + 1}: max_start_epoch {plan.max_start_epoch} + '
-          f'expert_epochs {plan.expert_epochs} exceeds the experts\' '
+          f'Subset {plan.index + 1}: start epochs up to {self.bound - 1} + '
+          f'expert_epochs {plan.expert_epochs} exceed the experts\' '
           f'{store.epochs} epochs; lower them or train longer experts.')
     self.store = store
     self.experts = experts[:wanted]  # fixed: resumed runs sample the same windows
@@ -134,20 +161,23 @@ class ExpertWindows(base.Source):
     self.seed = seed
 
   def sample(self, iteration, count, mesh=None):
-    picks = sample_picks(self.experts, self.plan, self.seed, iteration, count)
+    picks = sample_picks(self.experts, self.plan, self.seed, iteration, count,
+                         self.bound)
     return load_windows(self.store, picks, self.plan, mesh)
 
 
 def sample_picks(experts: list[int], plan: base.SubsetPlan, seed: int,
-                 iteration: int, count: int) -> list[tuple[int, int]]:
-  """(expert id, start epoch) per trajectory: a pure function of (seed, subset,
-  iteration, count), so a resumed run, on any number of hosts, samples exactly
-  what the uninterrupted one did."""
+                 iteration: int, count: int,
+                 bound: int | None = None) -> list[tuple[int, int]]:
+  """(expert id, start epoch in [0, bound)) per trajectory: a pure function of
+  (seed, subset, iteration, count), so a resumed run, on any number of hosts,
+  samples exactly what the uninterrupted one did."""
+  bound = plan.max_start_epoch if bound is None else bound
   rng = np.random.default_rng([seed, plan.index, iteration])
   picks = []
   for _ in range(count):
     e = int(rng.choice(experts))
-    t = int(rng.integers(0, plan.max_start_epoch))
+    t = int(rng.integers(0, bound))
     picks.append((e, t))
   return picks
 
