@@ -138,12 +138,15 @@ def make_distill_step(backbone: Backbone, plan: SubsetPlan, *, trajectories: int
     opt, (losses, g_img) = jax.lax.scan(one_class, opt, jnp.arange(num_classes))
     return opt, jnp.sum(losses), g_img[-1]
 
+  def initial_inners(resources, keys, data):
+    if type(backbone).init_inner is Backbone.init_inner:
+      return resources  # the resource is the trajectory's state (MTT's window)
+    return jax.lax.map(lambda a: backbone.init_inner(
+        plan, a[0], jax.random.fold_in(a[1], _INIT_SALT), data), (resources, keys))
+
   def iterate(images, extras, opt_images, opt_extras, frozen, labels, resources,
               keys, data):
-    inners = jax.lax.map(
-        lambda a: backbone.init_inner(plan, a[0], jax.random.fold_in(a[1], _INIT_SALT),
-                                      data), (resources, keys)) \
-        if type(backbone).init_inner is not Backbone.init_inner else resources
+    inners = initial_inners(resources, keys, data)
     opt = (images, extras, opt_images, opt_extras)
 
     def match_then_train(carry, m):
