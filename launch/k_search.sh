@@ -9,8 +9,8 @@
 # the per-subset lists cleared (the distill.* scalars then apply to every
 # subset) and the config's total distillation iterations split equally over
 # the K subsets (ITERATIONS=N overrides that total). Experts are trained once,
-# in WORKDIR/experts. Finally `seqmatch_jax.analyze --k_search=WORKDIR` scores
-# every k<K>/synthetic.npz on the validation split (dataset.val_size > 0) and
+# in WORKDIR/experts (or EXPERTS_DIR, e.g. those of an earlier run). Finally
+# `seqmatch_jax.analyze --k_search=WORKDIR` scores every k<K>/synthetic.npz on the validation split (dataset.val_size > 0) and
 # writes WORKDIR/analysis/k_search.{png,json}; ANALYZE_FLAGS passes it more
 # flags, e.g. ANALYZE_FLAGS="--k_search_models=2 --k_search_epochs=100".
 # Extra --config.* overrides go to every command. Rerunning resumes.
@@ -39,7 +39,7 @@ print(sum(its) if its else c.distill.iterations * c.seqmatch.num_subsets)
 EOF
 )}
 
-COMMON=(--config="$CONFIG" --config.experts.dir="$WORKDIR/experts"
+COMMON=(--config="$CONFIG" --config.experts.dir="${EXPERTS_DIR:-$WORKDIR/experts}"
         --config.seqmatch.compare_backbone=False)
 first=${KS%% *}
 python -m seqmatch_jax.main "${COMMON[@]}" --workdir="$WORKDIR/k$first" \

@@ -339,6 +339,9 @@ def coupling_analysis(config, data: PreparedData, sets: Sequence[LoadedSet],
           mean_norm_minus=float(norms[minus].mean()),
           acc_plus=accs['plus'], acc_minus=accs['minus'],
           acc_gap=accs['plus'] - accs['minus']))
+      if s.subset is not None:  # where the large-norm half comes from
+        points[-1]['plus_per_subset'] = np.bincount(
+            s.subset[plus], minlength=s.num_subsets).tolist()
       logging.info('coupling %s θ0 #%d: norm diff %.3g, acc S+ %.2f S- %.2f', s.name,
                    i, points[-1]['norm_diff'], accs['plus'], accs['minus'])
     fit = analysis.linear_fit([p['norm_diff'] for p in points],
