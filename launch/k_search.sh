@@ -10,9 +10,10 @@
 # subset) and the config's total distillation iterations split equally over
 # the K subsets (ITERATIONS=N overrides that total). Experts are trained once,
 # in WORKDIR/experts (or EXPERTS_DIR, e.g. those of an earlier run). Finally
-# `seqmatch_jax.analyze --k_search=WORKDIR` scores every k<K>/synthetic.npz on the validation split (dataset.val_size > 0) and
-# writes WORKDIR/analysis/k_search.{png,json}; ANALYZE_FLAGS passes it more
-# flags, e.g. ANALYZE_FLAGS="--k_search_models=2 --k_search_epochs=100".
+# `seqmatch_jax.analyze --k_search=WORKDIR` scores every k<K>/synthetic.npz on
+# the validation split (dataset.val_size > 0) and writes
+# WORKDIR/analysis/k_search.{png,json}; ANALYZE_FLAGS passes it more flags, e.g.
+# ANALYZE_FLAGS="--k_search_models=2 --k_search_epochs=100".
 # Extra --config.* overrides go to every command. Rerunning resumes.
 set -euo pipefail
 CONFIG=${1:?config, e.g. configs/digits.py}

@@ -495,9 +495,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     raise UserError(f'{len(names)} --names for {len(sets)} --sets; give one each.')
   validate_config(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
+  listed = list(zip(names or [''] * len(sets), sets)) if sets else discover_sets(workdir)
   out_dir = out_dir or os.path.join(workdir, 'analysis')
   os.makedirs(out_dir, exist_ok=True)
-  listed = list(zip(names or [''] * len(sets), sets)) if sets else discover_sets(workdir)
   data = prepare_data(config, workdir)
   loaded = [load_set(n or ('' if i == 0 else os.path.basename(os.path.dirname(p)).upper()),
                      p, data, config) for i, (n, p) in enumerate(listed)]

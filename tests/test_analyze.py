@@ -132,6 +132,14 @@ def test_every_output_file_written(tmp_path):
   assert all(p['norm_diff'] >= 0 for p in coupling['sets']['MTT']['points'])
   assert coupling['sets']['MTT']['fit'] is not None
   assert report['files'] == ['coupling.png', 'coupling.json']
+  # Beyond r_max_dims input dimensions: the estimator, checked against exact.
+  report = analyze.run(_tiny_config(), str(tmp_path), analyses=['coupling'],
+                       sets=[str(tmp_path / 'mtt' / 'synthetic.npz')], names=['MTT'],
+                       coupling_inits=1, coupling_models=1, coupling_epochs=2,
+                       r_max_dims=32, r_columns=16, r_check_images=1)
+  r_norm = report['coupling']['r_norm']
+  assert r_norm['method'].startswith('estimator (16 of 64')
+  assert r_norm['estimator_check']['mean_rel_error'] < 0.5
 
 
 def test_k_search_writes_plot(tmp_path):
