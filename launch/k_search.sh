@@ -3,10 +3,10 @@
 # list), scored on the validation split; one expert set shared by every K.
 #
 #   bash launch/k_search.sh CONFIG WORKDIR [K list, default 2,3,4,5,6] [--config.x=y ...]
-#   bash launch/k_search.sh configs/digits.py runs/ksearch 2,3 --config.distill.lr_img=100
+#   bash launch/k_search.sh configs/digits.py runs/ksearch 2,3 --config.mtt.lr_img=100
 #
 # Each K runs `seqmatch_jax.main --config.mode=distill` in WORKDIR/k<K> with
-# the per-subset lists cleared (the distill.* scalars then apply to every
+# the backbone's per-subset tuples cleared (its scalars then apply to every
 # subset) and the config's total distillation iterations split equally over
 # the K subsets (ITERATIONS=N overrides that total). Experts are trained once,
 # in WORKDIR/experts (or EXPERTS_DIR, e.g. those of an earlier run). Finally
@@ -26,19 +26,30 @@ if [[ $# -gt 0 && $1 != --* ]]; then
 fi
 KS=${KS//,/ }
 
-# The config's total iterations (distill.iterations, or the sum of the
-# per-subset seqmatch.iterations when given), unless ITERATIONS is set.
-TOTAL=${ITERATIONS:-$(python - "$CONFIG" <<'EOF'
+# The backbone (from the config, or a --config.backbone.name override), its
+# per-subset tuples and the total iterations (the backbone's iterations per
+# subset summed, unless ITERATIONS is set).
+read -r KEY TOTAL_CONFIG PER_SUBSET < <(python - "$CONFIG" "$@" <<'EOF'
 import importlib.util, sys
+from seqmatch_jax import backbones, seqmatch
 path, _, arg = sys.argv[1].partition(':')
 spec = importlib.util.spec_from_file_location('k_search_config', path)
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 c = module.get_config(arg or None)
-its = tuple(c.seqmatch.iterations)
-print(sum(its) if its else c.distill.iterations * c.seqmatch.num_subsets)
+for a in sys.argv[2:]:
+  if a.startswith('--config.backbone.name='):
+    c.backbone.name = a.split('=', 1)[1]
+cls = backbones.backbone_class(c.backbone.name)
+total = sum(p.iterations for p in seqmatch.subset_plans(c))
+print(cls.config_key, total, ','.join(cls.per_subset))
 EOF
-)}
+)
+TOTAL=${ITERATIONS:-$TOTAL_CONFIG}
+CLEAR=(--config.seqmatch.subset_ipc='()')
+for name in ${PER_SUBSET//,/ }; do
+  CLEAR+=(--config."$KEY".per_subset."$name"='()')
+done
 
 COMMON=(--config="$CONFIG" --config.experts.dir="${EXPERTS_DIR:-$WORKDIR/experts}"
         --config.seqmatch.compare_backbone=False)
@@ -49,12 +60,8 @@ for K in $KS; do
   ITERS=$(( (TOTAL + K - 1) / K ))
   echo "K=$K: $ITERS iterations per subset ($TOTAL in all)"
   python -m seqmatch_jax.main "${COMMON[@]}" --workdir="$WORKDIR/k$K" \
-    --config.mode=distill --config.seqmatch.num_subsets="$K" \
-    --config.seqmatch.subset_ipc='()' --config.seqmatch.iterations='()' \
-    --config.seqmatch.max_start_epoch='()' --config.seqmatch.lr_img='()' \
-    --config.seqmatch.syn_steps='()' --config.seqmatch.expert_epochs='()' \
-    --config.seqmatch.lr_teacher='()' --config.seqmatch.lr_lr='()' \
-    --config.distill.iterations="$ITERS" "$@"
+    --config.mode=distill --config.seqmatch.num_subsets="$K" "${CLEAR[@]}" \
+    --config."$KEY".iterations="$ITERS" "$@"
 done
 # shellcheck disable=SC2086
 python -m seqmatch_jax.analyze --config="$CONFIG" --k_search="$WORKDIR" \

@@ -51,13 +51,12 @@ from seqmatch_jax.configuration import validate as validate_config
 from seqmatch_jax.errors import DataError
 from seqmatch_jax.errors import UserError
 from seqmatch_jax.evaluate import evaluate_synthetic
-from seqmatch_jax.evaluate import load_synthetic
+from seqmatch_jax.synthetic import load as load_synthetic
 from seqmatch_jax.evaluate import network_for
 from seqmatch_jax.evaluate import protocol_from_config
 from seqmatch_jax.evaluate import stage_sets
 from seqmatch_jax.pipeline import prepare_data
 from seqmatch_jax.pipeline import PreparedData
-from seqmatch_jax.pipeline import preprocessing_tag
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -105,7 +104,7 @@ class LoadedSet:
   labels: np.ndarray
   subset: np.ndarray | None
   lrs: np.ndarray  # one per subset
-  lr_source: str  # 'learned' or 'distill.lr_teacher'
+  lr_source: str  # 'file' (learned or the run's protocol lr) or 'eval.lr'
 
   @property
   def num_subsets(self) -> int:
@@ -128,25 +127,21 @@ def discover_sets(workdir: str) -> list[tuple[str, str]]:
 
 def load_set(name: str, path: str, data: PreparedData,
              config: ml_collections.ConfigDict) -> LoadedSet:
-  """A saved set in model space, with one lr per subset (the config's
-  lr_teacher when the file has no learned lr, e.g. another backbone's set)."""
-  syn = load_synthetic(path, data.num_classes, data.image_shape)
-  tag_ok = syn.preprocessing is None or syn.preprocessing == preprocessing_tag(config)
-  if (syn.images_model is not None and syn.images_model.shape == syn.images.shape
-      and tag_ok):
-    images = np.asarray(syn.images_model, np.float32)
+  """A saved set in model space, with one lr per subset (the file's: MTT's
+  learned step sizes or the protocol lr the run used; else `eval.lr`)."""
+  syn = load_synthetic(path, data.num_classes, data.image_shape,
+                       data.preprocessor, config)
+  images = np.asarray(syn.images, np.float32)
+  pixels = np.clip(np.asarray(data.preprocessor.to_pixels(images)), 0.0, 1.0)
+  k = syn.num_subsets
+  if syn.lrs is not None:
+    lrs, source = np.broadcast_to(syn.lrs, (k,)).astype(np.float32), 'file'
   else:
-    images = np.asarray(data.preprocessor.to_model(syn.images), np.float32)
-  k = 1 if syn.subset is None else int(syn.subset.max()) + 1
-  if syn.lr is not None:
-    lrs, source = np.broadcast_to(syn.lr, (k,)).astype(np.float32), 'learned'
-  else:
-    lrs = np.full((k,), config.distill.lr_teacher, np.float32)
-    source = 'distill.lr_teacher'
+    lrs, source = np.full((k,), config.eval.lr, np.float32), 'eval.lr'
   if not name:
     name = f'SeqMatch (K={k})' if k > 1 else 'synthetic'
-  return LoadedSet(name, path, images, np.asarray(syn.images), syn.labels,
-                   syn.subset, lrs, source)
+  return LoadedSet(name, path, images, pixels, syn.labels, syn.subset, lrs,
+                   source)
 
 
 def _slug(name: str) -> str:
@@ -438,15 +433,10 @@ def k_search(config, root: str, key: jax.Array, *, models: int, epochs: int,
     raise DataError(f'no k<K>/synthetic.npz under {root}; run launch/k_search.sh '
                     'first.')
   data = prepare_data(config, root)
-  tag = preprocessing_tag(config)
   out = dict(split='validation', val_size=int(data.x_val.shape[0]),
              models=models or config.eval.num_models,
              epochs=epochs or config.eval.epochs, runs={})
   for k, path in sorted(runs):
-    syn = load_synthetic(path, data.num_classes, data.image_shape)
-    if syn.preprocessing is not None and syn.preprocessing != tag:
-      raise DataError(f'{path} was made with another split or preprocessing '
-                      f'({syn.preprocessing}); pass the config of the K runs.')
     s = load_set(f'K={k}', path, data, config)
     r = evaluate_synthetic(s.images, s.labels, s.lrs, config, key,
                            x_eval=data.x_val, y_eval=data.y_val,

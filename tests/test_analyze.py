@@ -127,7 +127,7 @@ def test_every_output_file_written(tmp_path):
   coupling = json.loads((out / 'coupling.json').read_text())
   assert coupling['r_norm']['method'].startswith('exact')
   assert coupling['r_norm']['estimator_check']['images'] == 1
-  assert coupling['sets']['MTT']['lr_source'] == 'distill.lr_teacher'
+  assert coupling['sets']['MTT']['lr_source'] == 'eval.lr'
   assert len(coupling['sets']['MTT']['points']) == 2
   assert all(p['norm_diff'] >= 0 for p in coupling['sets']['MTT']['points'])
   assert coupling['sets']['MTT']['fit'] is not None
