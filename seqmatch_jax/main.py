@@ -204,7 +204,7 @@ def main(argv):
     _fail(f'cannot load the config file: {lines[-1] if lines else type(e).__name__}')
   try:
     _preflight(config, FLAGS.workdir)
-    pipeline.run(config, FLAGS.workdir)
+    pipeline.run(config, FLAGS.workdir, exit_on_second_signal=True)
   except UserError as e:
     _fail(str(e))
   except Interrupted as e:

@@ -85,10 +85,15 @@ class StopFlag:
   signal wakeup fd, so it works even while the main thread is inside a long
   compiled call (where a Python handler would only run after it, and a
   KeyboardInterrupt raised there would surface in a JAX callback).
+
+  That hard exit is for the command line (`exit_on_second=True`, main.py): in
+  a notebook it would kill the kernel, so there a second signal raises
+  KeyboardInterrupt in the main thread instead.
   """
 
-  def __init__(self):
+  def __init__(self, exit_on_second: bool = False):
     self.raised = False
+    self.exit_on_second = exit_on_second
     self._signals = 0
     self._lock = threading.Lock()
 
@@ -112,10 +117,10 @@ class StopFlag:
 
   @contextlib.contextmanager
   def installed(self):
-    # Every SIGINT/SIGTERM writes its number to the wakeup fd from the C-level
-    # handler, at once; the watcher thread counts them there. The Python-level
-    # handler (run by the main thread between bytecodes, possibly much later)
-    # only sets the flag.
+    # With exit_on_second, every SIGINT/SIGTERM writes its number to the
+    # wakeup fd from the C-level handler, at once; the watcher thread counts
+    # them there. The Python-level handler (run by the main thread between
+    # bytecodes, possibly much later) then only sets the flag.
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
 
@@ -133,19 +138,25 @@ class StopFlag:
 
     def handler(signum, frame):
       del frame
+      if self.raised and not self.exit_on_second:
+        raise KeyboardInterrupt  # a library caller's second Ctrl-C
       self._raise(signum)
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    old_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    watcher = threading.Thread(target=watch, name='stop-watcher', daemon=True)
-    watcher.start()
+    watcher = None
+    if self.exit_on_second:
+      old_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+      watcher = threading.Thread(target=watch, name='stop-watcher', daemon=True)
+      watcher.start()
     try:
       yield self
     finally:
-      signal.set_wakeup_fd(old_fd)
+      if watcher is not None:
+        signal.set_wakeup_fd(old_fd)
       for s, h in old.items():
         signal.signal(s, h)
       os.close(write_fd)  # the watcher reads EOF and ends
-      watcher.join(timeout=5)
+      if watcher is not None:
+        watcher.join(timeout=5)
       os.close(read_fd)
 
 
@@ -183,8 +194,14 @@ def experts_dir(config, workdir: str) -> str:
                                             os.path.join(workdir, 'experts')))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
-  """Validates, then runs the stages `config.mode` asks for."""
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        exit_on_second_signal: bool = False) -> dict | None:
+  """Validates, then runs the stages `config.mode` asks for.
+
+  A SIGINT/SIGTERM stops it cleanly (`Interrupted`, see `StopFlag`); with
+  `exit_on_second_signal` (the command line) a second one exits the process
+  at once with status 130.
+  """
   configuration.validate(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))  # Orbax needs absolute paths
   parallel.maybe_initialize_distributed(
@@ -202,7 +219,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
                            width=config.model.width, depth=config.model.depth,
                            norm=config.model.norm, conv_impl=config.model.conv_impl)
   key = jax.random.key(config.seed)
-  stop = StopFlag()
+  stop = StopFlag(exit_on_second=exit_on_second_signal)
   writer = _writer(workdir)
   results = None
   try:

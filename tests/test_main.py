@@ -165,3 +165,19 @@ def test_second_sigint_stops_at_once_without_traceback(tmp_path):
   err = open(log).read()
   assert 'second signal' in err and 'Traceback' not in err, err[-3000:]
   assert 'KeyboardInterrupt' not in err, err[-3000:]
+
+
+def test_stop_flag_in_a_library_caller():
+  """In-process (a notebook): the first signal sets the flag, a second raises
+  KeyboardInterrupt in the main thread rather than exiting the kernel."""
+  from seqmatch_jax import pipeline  # pylint: disable=g-import-not-at-top
+  before = signal.getsignal(signal.SIGINT)
+  stop = pipeline.StopFlag()
+  with pytest.raises(KeyboardInterrupt):
+    with stop.installed():
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.1)
+      assert stop()
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.1)
+  assert signal.getsignal(signal.SIGINT) is before
