@@ -239,6 +239,8 @@ def distill_subset(backbone: Backbone, plan: SubsetPlan, source: Source, *,
     frozen, frozen_labels: earlier subsets (possibly empty), never updated.
     evaluate_fn: (images of the full set so far, lr, iteration) -> validation
       accuracy; called every `options.eval_every` iterations to keep the best.
+      It may raise `Interrupted` (a stop during the evaluation): the state as
+      of that iteration is then saved and the rerun redoes the evaluation.
   """
   num_devices = 1 if mesh is None else mesh.size
   traj = options.trajectories_per_step or num_devices
@@ -273,15 +275,29 @@ def distill_subset(backbone: Backbone, plan: SubsetPlan, source: Source, *,
                   desc=f'{options.log_name} subset {plan.index + 1}',
                   dynamic_ncols=True)
   last_time = time.time()
+
+  def stop(it: int, during: str = '') -> None:
+    save()  # the state as of the top of iteration `it` (before any evaluation)
+    parallel.barrier(f'{ckpt_dir} stopped at {it}')  # all saved before any exits
+    bar.close()
+    raise Interrupted(f'stopped at iteration {it} of subset {plan.index + 1}{during}')
+
+  def evaluate(it: int) -> DistillState:
+    # The evaluation polls the stop between its models (all hosts agree). A
+    # stop abandons it: the rerun resumes from the saved state of iteration
+    # `it` and redoes this evaluation (same key), so it stays bit for bit.
+    try:
+      return _evaluate(backbone, state, evaluate_fn, frozen, writer, it, plan,
+                       on_eval, name, mesh)
+    except Interrupted:
+      stop(it, ' (during its validation evaluation)')
+      raise  # not reached: stop() raises
+
   for it in range(start, plan.iterations):
     if parallel.any_process(should_stop()):  # every host stops at the same step
-      save()
-      parallel.barrier(f'{ckpt_dir} stopped at {it}')  # all saved before any exits
-      bar.close()
-      raise Interrupted(f'stopped at iteration {it} of subset {plan.index + 1}')
+      stop(it)
     if evaluating and it % options.eval_every == 0 and it > 0:
-      state = _evaluate(backbone, state, evaluate_fn, frozen, writer, it, plan,
-                        on_eval, name, mesh)
+      state = evaluate(it)
     resources = source.sample(it, traj, mesh)
     extras_before = {k: float(parallel.fetch(v)) for k, v in state.extras.items()}
     new_state, metrics = step_fn(state, frozen, all_labels, resources, data)  # donates
@@ -311,8 +327,7 @@ def distill_subset(backbone: Backbone, plan: SubsetPlan, source: Source, *,
       save()
   bar.close()
   if evaluating:
-    state = _evaluate(backbone, state, evaluate_fn, frozen, writer, plan.iterations,
-                      plan, on_eval, name, mesh)
+    state = evaluate(plan.iterations)
   save(overwrite=evaluating)
   return state
 

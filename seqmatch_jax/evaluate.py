@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ import numpy as np
 from seqmatch_jax import files
 from seqmatch_jax import parallel
 from seqmatch_jax import training
-from seqmatch_jax.errors import DataError
+from seqmatch_jax.errors import DataError, Interrupted
 from seqmatch_jax.models import Network, create_network
 
 
@@ -94,26 +94,104 @@ def _compiled_runner(network: Network, protocol: Protocol, num_stages: int,
                              progress=f'evaluating ({protocol.epochs} epochs/model)')
 
 
+class _Progress:
+  """Per-model accuracies [num_models, num_stages] (NaN: not trained yet) as
+  the models of one evaluation finish, the same on every process.
+
+  `check` is map_models' `should_stop`: before each model it merges what has
+  finished (across processes: one allgather of every host's finished rows and
+  stop flag, so all hosts see the same results and stop at the same model),
+  reports new results to `on_progress`, and says whether to stop.
+  """
+
+  def __init__(self, accs: np.ndarray, todo: np.ndarray, should_stop, on_progress):
+    self.accs = accs
+    self.procs = jax.process_count() if parallel.is_multiprocess() else 1
+    self.shares = [todo[p::self.procs] for p in range(self.procs)]
+    self.mine = self.shares[jax.process_index() if self.procs > 1 else 0]
+    self.rounds = len(self.shares[0])  # checks every process makes
+    self.should_stop = should_stop
+    self.on_progress = on_progress
+    self.local: dict[int, np.ndarray] = {}
+    self.checks = 0
+
+  def finished(self, i: int, out) -> None:
+    """map_models' on_model: model `self.mine[i]` is done (this host)."""
+    self.local[int(self.mine[i])] = np.asarray(out, np.float32)
+
+  def _merge(self, flag: bool) -> bool:
+    stages = self.accs.shape[1]
+    rows = np.full((self.rounds, stages), np.nan, np.float32)
+    for j, model in enumerate(self.mine):
+      if int(model) in self.local:
+        rows[j] = self.local[int(model)]
+    payload = np.concatenate([np.float32([flag]), rows.ravel()])
+    gathered = parallel.allgather(payload)  # [processes, 1 + rounds * stages]
+    changed = False
+    for p, share in enumerate(self.shares):
+      theirs = gathered[p, 1:].reshape(self.rounds, stages)
+      for j, model in enumerate(share):
+        if not np.isnan(theirs[j]).any() and np.isnan(self.accs[model]).any():
+          self.accs[model] = theirs[j]
+          changed = True
+    if changed and self.on_progress is not None:
+      self.on_progress(self.accs.copy())
+    return bool(np.any(gathered[:, 0]))
+
+  def check(self) -> bool:
+    self.checks += 1
+    return self._merge(self.should_stop is not None and bool(self.should_stop()))
+
+  def finish(self) -> None:
+    """The checks a host with a shorter share (or one vmapped program) still
+    owes the others, then the last merge."""
+    while self.checks < self.rounds:
+      if self.check():
+        raise Interrupted('stopped between models')
+    self._merge(False)
+
+
 def train_and_score(network: Network, protocol: Protocol, keys: jax.Array,
                     stages: Sequence[tuple[jax.Array, jax.Array]],
                     lrs: jax.Array, x_eval: jax.Array, y_eval: jax.Array,
-                    mesh=None) -> np.ndarray:
+                    mesh=None, *, should_stop: Callable[[], bool] | None = None,
+                    done: np.ndarray | None = None,
+                    on_progress: Callable[[np.ndarray], None] | None = None
+                    ) -> np.ndarray:
   """Accuracies [num_models, num_stages]; model i uses `keys[i]`. Models run
-  one by one or vmapped per `protocol.parallel`, sharded over `mesh` if given."""
+  one by one or vmapped per `protocol.parallel`, sharded over `mesh` if given.
+
+  Args:
+    should_stop: polled before each model (all processes stop at the same
+      model); when true, raises `Interrupted` once `on_progress` has seen the
+      finished models. In 'vmap' mode the models are one program: a stop
+      applies before or after it.
+    done: accuracies of models already trained, e.g. by an interrupted run
+      (NaN rows: still to train); only the others are trained. Model i's
+      numbers depend only on keys[i], so the result is the same either way.
+    on_progress: called with the accuracies so far (NaN: not yet) as models
+      finish, on every process at the same points.
+  """
   n = keys.shape[0]
   lrs = jnp.broadcast_to(jnp.asarray(lrs, jnp.float32), (n, len(stages)))
+  accs = np.full((n, len(stages)), np.nan, np.float32)
+  if done is not None:
+    accs[:] = np.asarray(done, np.float32)
+  todo = np.flatnonzero(np.isnan(accs).any(axis=1))
+  if not len(todo):
+    return accs
+  progress = _Progress(accs, todo, should_stop, on_progress)
   if parallel.is_multiprocess():
     # Each process trains its share of the models on its own devices; the
     # accuracies are then gathered, so every process returns all of them.
-    share = np.asarray(parallel.process_share(n), np.int32)
     mesh = parallel.model_mesh()
-    local = np.zeros((0, len(stages)), np.float32)
-    if len(share):
-      run = _compiled_runner(network, protocol, len(stages), mesh)
-      local = np.asarray(run(keys[share], lrs[share], tuple(stages), x_eval, y_eval))
-    return parallel.gather_models(local, n)
-  run = _compiled_runner(network, protocol, len(stages), mesh)
-  return np.asarray(run(keys, lrs, tuple(stages), x_eval, y_eval))
+  share = progress.mine
+  if len(share):
+    run = _compiled_runner(network, protocol, len(stages), mesh)
+    run(keys[share], lrs[share], tuple(stages), x_eval, y_eval,
+        should_stop=progress.check, on_model=progress.finished)
+  progress.finish()
+  return accs
 
 
 def summarize(accs: np.ndarray) -> dict[str, Any]:
@@ -127,10 +205,17 @@ def evaluate_synthetic(images, labels, lr, config: ml_collections.ConfigDict,
                        key: jax.Array, *, x_eval, y_eval, num_classes: int,
                        subset=None, architecture: str | None = None,
                        num_models: int | None = None, epochs: int | None = None,
-                       mesh=None) -> dict[str, Any]:
+                       mesh=None, should_stop: Callable[[], bool] | None = None,
+                       done: np.ndarray | None = None,
+                       on_progress: Callable[[np.ndarray], None] | None = None
+                       ) -> dict[str, Any]:
   """Trains `eval.num_models` fresh networks on (images, labels), in stages when
   `subset` is given (lr then holds one value per subset), and scores them on
-  (x_eval, y_eval). Returns summary dicts: final and after each stage."""
+  (x_eval, y_eval). Returns summary dicts: final and after each stage.
+
+  `should_stop`, `done` and `on_progress` are `train_and_score`'s: stop between
+  models (raising `Interrupted`), skip models already trained, see progress.
+  """
   images = jnp.asarray(images)
   network = network_for(config, architecture or config.model.name, num_classes,
                         tuple(images.shape[1:]))
@@ -143,7 +228,14 @@ def evaluate_synthetic(images, labels, lr, config: ml_collections.ConfigDict,
   n = num_models or config.eval.num_models
   keys = jax.random.split(key, n)
   accs = train_and_score(network, protocol, keys, stages, jnp.asarray(lrs),
-                         jnp.asarray(x_eval), jnp.asarray(y_eval), mesh)
+                         jnp.asarray(x_eval), jnp.asarray(y_eval), mesh,
+                         should_stop=should_stop, done=done,
+                         on_progress=on_progress)
+  return summarize_stages(accs, lrs)
+
+
+def summarize_stages(accs: np.ndarray, lrs) -> dict[str, Any]:
+  """The result of an evaluation from its accuracies [num_models, num_stages]."""
   out = summarize(accs[:, -1])
   out['stages'] = [summarize(accs[:, k]) for k in range(accs.shape[1])]
   out['lr'] = [float(v) for v in lrs]

@@ -212,7 +212,7 @@ def main(argv):
     configuration.validate(config)  # a refused config prints its error alone
     for note in notes:
       logging.info('%s', note)
-    pipeline.run(config, FLAGS.workdir)
+    pipeline.run(config, FLAGS.workdir, exit_on_second_signal=True)
   except UserError as e:
     _fail(str(e))
   except Interrupted as e:

@@ -18,7 +18,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from seqmatch_jax.errors import CheckpointError, ConfigError
+from seqmatch_jax.errors import CheckpointError, ConfigError, Interrupted
 
 DATA = 'data'
 
@@ -200,6 +200,21 @@ def any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
+def agree_array(value: np.ndarray) -> np.ndarray:
+  """Process 0's array (same shape and dtype everywhere) on every process,
+  e.g. progress read from a shared file."""
+  if not is_multiprocess():
+    return np.asarray(value)
+  return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))
+
+
+def allgather(value: np.ndarray) -> np.ndarray:
+  """[processes, ...]: every process's `value` (same shape everywhere)."""
+  if not is_multiprocess():
+    return np.asarray(value)[None]
+  return np.asarray(multihost_utils.process_allgather(np.asarray(value)))
+
+
 def agree(value: int) -> int:
   """Process 0's integer on every process: decisions read from a shared
   filesystem (a file exists, the latest checkpoint step) are made once, since
@@ -272,19 +287,40 @@ def map_models(fn: Callable, num_mapped: int, mode: str,
   'sequential' runs one compiled single-model program per model. Both give the
   same numbers for the same per-model inputs. With `progress` (a label), the
   one-by-one mode shows a bar over models on process 0.
+
+  The returned callable also takes two keywords, so that a long evaluation can
+  stop between models without losing the finished ones:
+    should_stop: `() -> bool`, called before each model program (once before
+      the single program in 'vmap' mode); when true, raises `Interrupted`.
+      Across processes the caller makes it a collective decision.
+    on_model: `(i, output of model i)`, called as each model finishes.
   """
   mode = resolve_model_parallel(mode)
   if mode == 'sequential':
     one = jax.jit(fn)
 
-    def in_turn(*args):
+    def in_turn(*args, should_stop: Callable[[], bool] | None = None,
+                on_model: Callable[[int, Any], None] | None = None):
       mapped, shared = args[:num_mapped], args[num_mapped:]
       n = jax.tree.leaves(mapped)[0].shape[0]
-      models = range(n)
+      bar = None
       if progress and n > 1 and is_main_process():
-        models = tqdm.tqdm(models, desc=progress, leave=False, dynamic_ncols=True)
-      outs = [jax.block_until_ready(
-          one(*jax.tree.map(lambda a, i=i: a[i], mapped), *shared)) for i in models]
+        bar = tqdm.tqdm(total=n, desc=progress, leave=False, dynamic_ncols=True)
+      outs = []
+      try:
+        for i in range(n):
+          if should_stop is not None and should_stop():
+            raise Interrupted(f'stopped after {i} of {n} models')
+          out = jax.block_until_ready(
+              one(*jax.tree.map(lambda a, i=i: a[i], mapped), *shared))
+          outs.append(out)
+          if on_model is not None:
+            on_model(i, out)
+          if bar is not None:
+            bar.update(1)
+      finally:
+        if bar is not None:
+          bar.close()
       return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
     return in_turn
 
@@ -292,12 +328,12 @@ def map_models(fn: Callable, num_mapped: int, mode: str,
 
   def batched(*args):
     return jax.vmap(fn, in_axes=in_axes + (None,) * (len(args) - num_mapped))(*args)
-  if mesh is None or mesh.size == 1:
-    return jax.jit(batched)
   jitted = jax.jit(batched)
-  devices = mesh.size
+  devices = 1 if mesh is None else mesh.size
 
-  def sharded_call(*args):
+  def call(*args):
+    if devices == 1:
+      return jitted(*args)
     mapped, shared = args[:num_mapped], args[num_mapped:]
     n = jax.tree.leaves(mapped)[0].shape[0]
     pad = -n % devices
@@ -308,4 +344,16 @@ def map_models(fn: Callable, num_mapped: int, mode: str,
     shared = jax.device_put(shared, replicated(mesh))
     out = jitted(*mapped, *shared)
     return jax.tree.map(lambda a: a[:n], out)
-  return sharded_call
+
+  def all_at_once(*args, should_stop: Callable[[], bool] | None = None,
+                  on_model: Callable[[int, Any], None] | None = None):
+    # One program: a stop can only apply before it (or, by the caller, after).
+    if should_stop is not None and should_stop():
+      raise Interrupted('stopped before the models started')
+    out = call(*args)
+    if on_model is not None:
+      n = jax.tree.leaves(args[:num_mapped])[0].shape[0]
+      for i in range(n):
+        on_model(i, jax.tree.map(lambda a, i=i: a[i], out))
+    return out
+  return all_at_once

@@ -12,7 +12,10 @@ import dataclasses
 import json
 import os
 import signal
+import sys
+import threading
 import time
+import zlib
 from typing import Any
 
 from absl import logging
@@ -20,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tqdm
 
 from seqmatch_jax import backbones
 from seqmatch_jax import config_lib
@@ -68,27 +72,105 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PreparedDat
 
 
 class StopFlag:
-  """Set by SIGTERM/SIGINT; long loops poll it, save, and stop cleanly."""
+  """Set by SIGTERM/SIGINT; long loops poll it, save, and stop cleanly.
 
-  def __init__(self):
+  The first signal asks for a clean stop: distillation saves its state at the
+  next iteration, expert training at the next epoch, an evaluation keeps its
+  finished models and stops before the next one; then `Interrupted` (exit
+  130). A second signal means "now": one line on stderr and exit 130 at once,
+  without a traceback and without saving the current step (what was saved
+  stays intact: Orbax finalises a checkpoint by renaming its step directory,
+  and our files are written to a temporary name and renamed, so a kill leaves
+  the previous version). It is noticed by a watcher thread through the
+  signal wakeup fd, so it works even while the main thread is inside a long
+  compiled call (where a Python handler would only run after it, and a
+  KeyboardInterrupt raised there would surface in a JAX callback).
+
+  That hard exit is for the command line (`exit_on_second=True`, main.py): in
+  a notebook it would kill the kernel, so there a second signal raises
+  KeyboardInterrupt in the main thread instead.
+  """
+
+  def __init__(self, exit_on_second: bool = False):
     self.raised = False
+    self.exit_on_second = exit_on_second
+    self._signals = 0
+    self._lock = threading.Lock()
 
   def __call__(self) -> bool:
     return self.raised
 
+  def _raise(self, signum: int) -> None:
+    with self._lock:
+      first, self.raised = not self.raised, True
+    if first:
+      logging.warning('signal %d: finishing the current step (or model), saving, '
+                      'stopping; a second signal stops at once', signum)
+
+  def _count(self, signum: int) -> None:
+    with self._lock:
+      self._signals += 1
+      second = self._signals >= 2
+    if second:
+      _exit_now(signum)
+    self._raise(signum)
+
   @contextlib.contextmanager
   def installed(self):
+    # With exit_on_second, every SIGINT/SIGTERM writes its number to the
+    # wakeup fd from the C-level handler, at once; the watcher thread counts
+    # them there. The Python-level handler (run by the main thread between
+    # bytecodes, possibly much later) then only sets the flag.
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+
+    def watch():
+      while True:
+        try:
+          got = os.read(read_fd, 16)
+        except OSError:
+          return
+        if not got:
+          return
+        for signum in got:
+          if signum in (signal.SIGINT, signal.SIGTERM):
+            self._count(signum)
+
     def handler(signum, frame):
-      if self.raised:  # second signal: give up at once
-        raise KeyboardInterrupt
-      logging.warning('signal %d: finishing the current step, saving, stopping', signum)
-      self.raised = True
+      del frame
+      if self.raised and not self.exit_on_second:
+        raise KeyboardInterrupt  # a library caller's second Ctrl-C
+      self._raise(signum)
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    watcher = None
+    if self.exit_on_second:
+      old_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+      watcher = threading.Thread(target=watch, name='stop-watcher', daemon=True)
+      watcher.start()
     try:
       yield self
     finally:
+      if watcher is not None:
+        signal.set_wakeup_fd(old_fd)
       for s, h in old.items():
         signal.signal(s, h)
+      os.close(write_fd)  # the watcher reads EOF and ends
+      if watcher is not None:
+        watcher.join(timeout=5)
+      os.close(read_fd)
+
+
+def _exit_now(signum: int) -> None:
+  """The second signal: one line, exit 130 now (no save, no traceback)."""
+  for bar in list(getattr(tqdm.tqdm, '_instances', ())):
+    bar.leave = True
+    bar.close()  # end a progress bar's unfinished line
+  print(f'second signal ({signum}): stopping now without saving the current '
+        'step; rerun the same command to resume from the last save.',
+        file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(130)  # pylint: disable=protected-access
 
 
 def _writer(workdir: str):
@@ -112,8 +194,14 @@ def experts_dir(config, workdir: str) -> str:
                                             os.path.join(workdir, 'experts')))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
-  """Validates, then runs the stages `config.mode` asks for."""
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        exit_on_second_signal: bool = False) -> dict | None:
+  """Validates, then runs the stages `config.mode` asks for.
+
+  A SIGINT/SIGTERM stops it cleanly (`Interrupted`, see `StopFlag`); with
+  `exit_on_second_signal` (the command line) a second one exits the process
+  at once with status 130.
+  """
   configuration.validate(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))  # Orbax needs absolute paths
   parallel.maybe_initialize_distributed(
@@ -133,7 +221,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
                            width=config.model.width, depth=config.model.depth,
                            norm=config.model.norm, conv_impl=config.model.conv_impl)
   key = jax.random.key(config.seed)
-  stop = StopFlag()
+  stop = StopFlag(exit_on_second=exit_on_second_signal)
   writer = _writer(workdir)
   results = None
   try:
@@ -147,7 +235,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
       if config.mode in ('all', 'distill'):
         distill(config, workdir, data, network, key, stop, writer)
       if config.mode in ('all', 'evaluate'):
-        results = evaluate(config, workdir, data, key)
+        results = evaluate(config, workdir, data, key, stop)
   finally:
     if writer is not None:
       writer.close()
@@ -252,10 +340,93 @@ def distill(config, workdir, data, network, key, stop, writer):
     parallel.main_only(write, f'synthetic set {out}')
 
 
-def evaluate(config, workdir, data: PreparedData, key) -> dict:
+PROGRESS_FILE = 'eval_progress.json'
+
+
+def _file_id(path: str) -> dict:
+  """What identifies a set's file: its path, size and contents (CRC-32)."""
+  crc = 0
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 22), b''):
+      crc = zlib.crc32(chunk, crc)
+  return dict(path=os.path.abspath(path), size=os.path.getsize(path), crc32=crc)
+
+
+def _cell_spec(config, source: dict, architecture: str, epochs, lr,
+               num_stages: int) -> dict:
+  """Everything that defines one (set, architecture) evaluation's numbers;
+  stored progress is reused only for an identical spec."""
+  spec = dict(
+      source=source, architecture=architecture,
+      protocol=dataclasses.asdict(evaluate_lib.protocol_from_config(config, epochs)),
+      num_models=config.eval.num_models, num_stages=num_stages, seed=config.seed,
+      lr=[float(v) for v in np.atleast_1d(np.asarray(lr, np.float64))],
+      dataset=dict(name=config.dataset.name, zca=config.dataset.zca,
+                   val_size=config.dataset.val_size),
+      model=dict(width=config.model.width, depth=config.model.depth,
+                 norm=config.model.norm, conv_impl=config.model.conv_impl,
+                 name=config.model.name))
+  return json.loads(json.dumps(spec))  # as it reads back from the file
+
+
+class EvalProgress:
+  """Per-model results of the final evaluation, in WORKDIR/eval_progress.json,
+  so that an interrupted evaluation resumes at the model where it stopped.
+
+  Entries are keyed by row and architecture and hold the spec they were
+  computed under (`_cell_spec`); an entry whose spec differs (another set
+  file, protocol, model count, ...) is ignored and overwritten. Only process 0
+  reads and writes the file; every process gets its view (`done`).
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, PROGRESS_FILE)
+    self.cells: dict[str, dict] = {}
+    if parallel.is_main_process() and os.path.exists(self.path):
+      try:
+        with open(self.path) as f:
+          self.cells = dict(json.load(f)['cells'])
+      except (OSError, ValueError, KeyError, TypeError) as e:
+        logging.warning('ignoring %s (%s): evaluating from scratch', self.path, e)
+
+  def done(self, cell: str, spec: dict) -> np.ndarray:
+    """[num_models, num_stages] accuracies stored for `cell` under `spec`
+    (NaN: not trained yet), process 0's view on every process."""
+    shape = (spec['num_models'], spec['num_stages'])
+    accs = np.full(shape, np.nan, np.float32)
+    entry = self.cells.get(cell)
+    if entry is not None and entry.get('spec') == spec:
+      try:
+        for i, row in enumerate(entry['accuracies']):
+          if row is not None:
+            accs[i] = np.asarray(row, np.float32)
+      except (ValueError, TypeError, IndexError):
+        accs[:] = np.nan
+    return parallel.agree_array(accs)
+
+  def record(self, cell: str, spec: dict, accs: np.ndarray) -> None:
+    """Stores the finished models (collective: every process calls it)."""
+    self.cells[cell] = dict(spec=spec, accuracies=[
+        None if np.isnan(row).any() else [float(v) for v in row] for row in accs])
+    parallel.main_only(lambda: files.write_json(
+        self.path, dict(cells=self.cells), indent=1), self.path)
+
+
+def evaluate(config, workdir, data: PreparedData, key,
+             should_stop=lambda: False) -> dict:
+  """Scores each set and baseline per architecture; results.json at the end.
+
+  Resumable: finished models are kept in `EvalProgress`, a stop (`should_stop`)
+  takes effect between models and raises `Interrupted`, and a rerun trains
+  only the missing models. Model i always uses key i, so the numbers equal an
+  uninterrupted evaluation's.
+  """
   t0 = time.time()
   mesh = parallel.model_mesh(config.parallel.num_devices)
   eval_key = jax.random.fold_in(key, 2)
+  progress = EvalProgress(workdir)
+  # (row name, images, labels, lr, subset, epochs, what the images are)
+  jobs = []
   sets = []
   if config.eval.synthetic:
     sets.append(('synthetic', config.eval.synthetic))
@@ -265,37 +436,52 @@ def evaluate(config, workdir, data: PreparedData, key) -> dict:
     if config.seqmatch.compare_backbone and config.seqmatch.num_subsets > 1:
       sets.append((plain, os.path.join(workdir, config.backbone.name,
                                        'synthetic.npz')))
-  rows: dict[str, dict] = {}
   for name, path in sets:
     syn = synthetic.load(path, data.num_classes, data.image_shape,
                          data.preprocessor, config)
-    images = syn.images
     lr = syn.lrs if syn.lrs is not None else np.float32(config.eval.lr)
-    rows[name] = {}
-    for arch in config.eval.architectures:
-      r = evaluate_lib.evaluate_synthetic(
-          images, syn.labels, lr, config, eval_key, x_eval=data.x_test,
-          y_eval=data.y_test, num_classes=data.num_classes, subset=syn.subset,
-          architecture=arch, mesh=mesh)
-      rows[name][arch] = r
-      logging.info('%s / %s: %.2f ± %.2f %%', name, arch, r['mean'], r['std'])
+    jobs.append((name, syn.images, syn.labels, lr, syn.subset, None,
+                 dict(kind='set', **_file_id(path))))
   ipc = config.ipc
   for base in config.eval.baselines:
     if base == 'random_real':
       x, y = evaluate_lib.random_real(data.x_train, data.y_train, ipc,
                                       data.num_classes, config.seed)
-      name, epochs = f'random real (ipc {ipc})', None
+      jobs.append((f'random real (ipc {ipc})', x, y, config.eval.lr, None, None,
+                   dict(kind='random_real', ipc=ipc)))
     else:
-      x, y = data.x_train, data.y_train
-      name, epochs = 'whole training set', config.eval.whole_epochs
+      jobs.append(('whole training set', data.x_train, data.y_train,
+                   config.eval.lr, None, config.eval.whole_epochs,
+                   dict(kind='whole')))
+  rows: dict[str, dict] = {}
+  for name, x, y, lr, subset, epochs, source in jobs:
     rows[name] = {}
+    num_stages = 1 if subset is None else int(np.max(subset)) + 1
     for arch in config.eval.architectures:
-      r = evaluate_lib.evaluate_synthetic(
-          x, y, config.eval.lr, config, eval_key, x_eval=data.x_test,
-          y_eval=data.y_test, num_classes=data.num_classes, architecture=arch,
-          epochs=epochs, mesh=mesh)
+      cell = f'{name} / {arch}'
+      spec = _cell_spec(config, source, arch, epochs, lr, num_stages)
+      done = progress.done(cell, spec)
+      finished = int((~np.isnan(done).any(axis=1)).sum())
+      if finished == len(done):
+        logging.info('%s: all %d models evaluated earlier', cell, finished)
+      else:
+        logging.info('evaluating %s: %d models%s', cell, len(done),
+                     f' ({finished} done earlier)' if finished else '')
+      record = lambda accs, cell=cell, spec=spec: progress.record(cell, spec, accs)
+      try:
+        r = evaluate_lib.evaluate_synthetic(
+            x, y, lr, config, eval_key, x_eval=data.x_test, y_eval=data.y_test,
+            num_classes=data.num_classes, subset=subset, architecture=arch,
+            epochs=epochs, mesh=mesh, should_stop=should_stop, done=done,
+            on_progress=record)
+      except Interrupted as e:
+        kept = progress.cells.get(cell, {}).get('accuracies', [])
+        raise Interrupted(
+            f'stopped during the evaluation of {cell}; '
+            f'{sum(a is not None for a in kept)} of {len(done)} models kept '
+            f'in {progress.path}') from e
       rows[name][arch] = r
-      logging.info('%s / %s: %.2f ± %.2f %%', name, arch, r['mean'], r['std'])
+      logging.info('%s: %.2f ± %.2f %%', cell, r['mean'], r['std'])
   results = dict(rows=rows, config=json.loads(config.to_json_best_effort()),
                  wall_time_s=time.time() - t0, dataset=data.name,
                  devices=[str(d) for d in jax.devices()])

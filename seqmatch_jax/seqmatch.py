@@ -291,6 +291,7 @@ def _val_evaluator(ctx: Context, labels, subset, prev_lrs):
         images, labels, lrs, config, jax.random.fold_in(ctx.key, 300 + it),
         x_eval=ctx.x_val, y_eval=ctx.y_val, num_classes=ctx.num_classes,
         subset=subset, num_models=config.distill.eval_models,
-        epochs=config.distill.eval_epochs, mesh=ctx.mesh)
+        epochs=config.distill.eval_epochs, mesh=ctx.mesh,
+        should_stop=ctx.should_stop)  # a stop abandons it (distill_subset saves)
     return r['mean'] / 100.0
   return evaluate_fn

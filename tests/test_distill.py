@@ -34,7 +34,7 @@ def _plan(augment='flip', **kw):
   return helpers.mtt_plan(helpers.tiny_convnet(), augment, **base)
 
 
-def _run(store, ckpt, plan, trajectories_per_step=0, **kw):
+def _run(store, ckpt, plan, trajectories_per_step=0, eval_every=0, **kw):
   backbone, plan = plan
   x, y = helpers.digits_model_space()[:2]
   labels = jnp.repeat(jnp.arange(10), plan.ipc)
@@ -42,7 +42,7 @@ def _run(store, ckpt, plan, trajectories_per_step=0, **kw):
                           for c in range(10)])
   options = distill.LoopOptions(ckpt_dir=str(ckpt), seed=0, checkpoint_every=5,
                                 trajectories_per_step=trajectories_per_step,
-                                progress=False)
+                                eval_every=eval_every, progress=False)
   source = mtt.ExpertWindows(store, plan, seed=0)
   state = distill.distill_subset(backbone, plan, source, init_images=init,
                                  labels=labels, frozen=x[:0],
@@ -72,6 +72,51 @@ def test_kill_and_resume_is_bitwise_identical(store, tmp_path):
   with pytest.raises(Interrupted):
     _run(store, tmp_path / 'b', _plan(), should_stop=stop_at_seven)
   resumed, _, _ = _run(store, tmp_path / 'b', _plan())
+  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+def _val_evaluator(should_stop=None):
+  """The in-run validation evaluation (as seqmatch._val_evaluator builds it),
+  two models one by one, polling `should_stop` before each."""
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  from seqmatch_jax import evaluate  # pylint: disable=g-import-not-at-top
+  c = digits.get_config()
+  c.model.width = 8
+  c.augment.strategy = 'flip'
+  c.eval.parallel = 'sequential'
+  xt, yt = helpers.digits_model_space()[2:4]
+
+  def evaluate_fn(images, lr, it):
+    labels = np.repeat(np.arange(10), len(images) // 10)
+    r = evaluate.evaluate_synthetic(
+        images, labels, lr, c, jax.random.fold_in(jax.random.key(5), it),
+        x_eval=xt[:200], y_eval=yt[:200], num_classes=10, num_models=2,
+        epochs=2, should_stop=should_stop)
+    return r['mean'] / 100.0
+  return evaluate_fn
+
+
+def test_stop_during_in_run_evaluation_resumes_bitwise(store, tmp_path):
+  """A stop that lands in the validation evaluation of iteration 6 abandons
+  it, saves the state of iteration 6 and raises; the rerun redoes that
+  evaluation and ends bit for bit where an uninterrupted run does."""
+  plan = _plan(iterations=9)
+  full, _, _ = _run(store, tmp_path / 'a', plan, eval_every=3,
+                    evaluate_fn=_val_evaluator())
+  calls = {'n': 0}
+
+  def stop_in_second_evaluation():  # 2 checks at iteration 3, then 1 model at 6
+    calls['n'] += 1
+    return calls['n'] > 3
+  with pytest.raises(Interrupted, match='iteration 6 .*validation evaluation'):
+    _run(store, tmp_path / 'b', plan, eval_every=3,
+         evaluate_fn=_val_evaluator(stop_in_second_evaluation))
+  assert calls['n'] == 4
+  assert max(int(d) for d in os.listdir(tmp_path / 'b') if d.isdigit()) == 6
+  resumed, _, _ = _run(store, tmp_path / 'b', plan, eval_every=3,
+                       evaluate_fn=_val_evaluator())
+  assert float(full.best_score) >= 0
   for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b)
 

@@ -92,3 +92,63 @@ def test_subset_ids_with_gaps(tmp_path):
            subset=np.array([0, 0, 2, 2]))
   with pytest.raises(DataError, match='without gaps'):
     synthetic.load(str(path), 10, (8, 8, 1))
+
+
+def _counting_stop(after: int):
+  """A should_stop that turns true at its `after + 1`-th call (calls come
+  before each model)."""
+  calls = {'n': 0}
+
+  def stop():
+    calls['n'] += 1
+    return calls['n'] > after
+  return stop
+
+
+def test_final_evaluation_stops_between_models_and_resumes_exactly(tmp_path):
+  """A stop during pipeline.evaluate keeps the finished models; reruns train
+  only the others and give exactly the uninterrupted numbers; a changed
+  protocol does not reuse them."""
+  from seqmatch_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from seqmatch_jax.errors import Interrupted  # pylint: disable=g-import-not-at-top
+  c = digits.get_config()
+  c.model.width = 8
+  c.eval.num_models = 3
+  c.eval.epochs = 6
+  c.eval.parallel = 'sequential'
+  c.eval.baselines = ('random_real',)
+  c.augment.strategy = 'flip'
+  c.dataset.cache_dir = str(tmp_path / 'cache')
+  data = pipeline.prepare_data(c, str(tmp_path / 'prep'))
+  x, y = evaluate.random_real(data.x_train, data.y_train, 2, 10, seed=3)
+  path = tmp_path / 'set.npz'
+  np.savez(path, images=np.clip(data.preprocessor.to_pixels(np.asarray(x)), 0, 1),
+           labels=np.asarray(y), subset=np.tile([0, 1], 10),
+           lr=np.float32([0.02, 0.01]))
+  c.eval.synthetic = str(path)
+  key = jax.random.key(0)
+  full = pipeline.evaluate(c, str(tmp_path / 'full'), data, key)['rows']
+
+  wd = str(tmp_path / 'stopped')
+  with pytest.raises(Interrupted, match='1 of 3 models kept'):
+    pipeline.evaluate(c, wd, data, key, should_stop=_counting_stop(1))
+  progress = pipeline.EvalProgress(wd)
+  kept = progress.cells['synthetic / convnet']['accuracies']
+  assert kept[0] is not None and kept[1:] == [None, None]
+  # Second stop in the next row: 2 models of the first row, then 1 of this one.
+  with pytest.raises(Interrupted, match=r'random real .* 1 of 3 models kept'):
+    pipeline.evaluate(c, wd, data, key, should_stop=_counting_stop(3))
+  resumed = pipeline.evaluate(c, wd, data, key)['rows']
+  assert resumed == full
+  # The stored models are those of the uninterrupted run, to the bit.
+  stored = pipeline.EvalProgress(wd).cells['synthetic / convnet']['accuracies']
+  assert [round(100 * a[-1], 4) for a in stored] == \
+      full['synthetic']['convnet']['per_model']
+  # Another protocol (or model count) never reuses them.
+  spec = pipeline.EvalProgress(wd).cells['synthetic / convnet']['spec']
+  for change in (dict(protocol=dict(spec['protocol'], epochs=7)),
+                 dict(num_models=4),
+                 dict(source=dict(spec['source'], crc32=1))):
+    other = dict(spec, **change)
+    assert np.isnan(pipeline.EvalProgress(wd).done('synthetic / convnet', other)).all()
+  assert not np.isnan(pipeline.EvalProgress(wd).done('synthetic / convnet', spec)).any()

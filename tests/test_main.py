@@ -100,3 +100,86 @@ def test_all_modes_end_to_end_with_resume(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   ev = json.load(open(tmp_path / 'ev' / 'results.json'))
   assert list(ev['rows']) == ['synthetic']
+
+
+def _small_set(path) -> str:
+  """Two real digits per class as a set file (pixels in [0, 1])."""
+  from seqmatch_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  ds = data_lib.load_dataset('digits')
+  idx = np.concatenate([np.flatnonzero(ds.y_train == c)[:2] for c in range(10)])
+  np.savez(path, images=ds.x_train[idx], labels=ds.y_train[idx])
+  return str(path)
+
+
+def _evaluation_args(tmp_path, wd):
+  # Three models of a few seconds each, one by one: long enough to stop in.
+  return ['--config=configs/digits.py', f'--workdir={wd}', *TINY,
+          '--config.mode=evaluate', '--config.eval.baselines=()',
+          f'--config.eval.synthetic={_small_set(tmp_path / "set.npz")}',
+          '--config.eval.num_models=3', '--config.eval.epochs=1000',
+          '--config.eval.parallel=sequential']
+
+
+def _start_and_wait_for_first_model(args, log):
+  """Starts main.py with stderr to `log`; returns once model 1 of 3 is done."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  proc = subprocess.Popen([sys.executable, '-m', 'seqmatch_jax.main', *args],
+                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=open(log, 'w'))
+  deadline = time.time() + 300
+  while time.time() < deadline and ' 1/3 ' not in open(log).read():
+    assert proc.poll() is None, open(log).read()[-3000:]
+    time.sleep(0.1)
+  assert 'evaluating synthetic / convnet: 3 models' in open(log).read()
+  return proc
+
+
+def test_sigint_during_final_evaluation_exits_130_and_resumes(tmp_path):
+  wd = tmp_path / 'ev'
+  args = _evaluation_args(tmp_path, wd)
+  proc = _start_and_wait_for_first_model(args, tmp_path / 'first.log')
+  proc.send_signal(signal.SIGINT)  # during the second model
+  assert proc.wait(timeout=300) == 130, open(tmp_path / 'first.log').read()[-3000:]
+  err = open(tmp_path / 'first.log').read()
+  assert 'Traceback' not in err and 'state saved' in err, err[-3000:]
+  assert not os.path.exists(wd / 'results.json')
+  kept = json.load(open(wd / 'eval_progress.json'))['cells']['synthetic / convnet']
+  assert 1 <= sum(a is not None for a in kept['accuracies']) < 3
+  r = _run(*args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'done earlier' in r.stderr, r.stderr[-3000:]
+  per_model = json.load(open(wd / 'results.json'))['rows']['synthetic']['convnet'][
+      'per_model']
+  assert [round(100 * a[-1], 4) for a in kept['accuracies'] if a is not None] == \
+      per_model[:len([a for a in kept['accuracies'] if a is not None])]
+
+
+def test_second_sigint_stops_at_once_without_traceback(tmp_path):
+  log = tmp_path / 'log'
+  proc = _start_and_wait_for_first_model(
+      _evaluation_args(tmp_path, tmp_path / 'ev'), log)
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.3)
+  t0 = time.time()
+  proc.send_signal(signal.SIGINT)  # inside the second model's compiled loop
+  assert proc.wait(timeout=60) == 130, open(log).read()[-3000:]
+  assert time.time() - t0 < 3.0  # does not wait for the model (~5 s) to finish
+  err = open(log).read()
+  assert 'second signal' in err and 'Traceback' not in err, err[-3000:]
+  assert 'KeyboardInterrupt' not in err, err[-3000:]
+
+
+def test_stop_flag_in_a_library_caller():
+  """In-process (a notebook): the first signal sets the flag, a second raises
+  KeyboardInterrupt in the main thread rather than exiting the kernel."""
+  from seqmatch_jax import pipeline  # pylint: disable=g-import-not-at-top
+  before = signal.getsignal(signal.SIGINT)
+  stop = pipeline.StopFlag()
+  with pytest.raises(KeyboardInterrupt):
+    with stop.installed():
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.1)
+      assert stop()
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.1)
+  assert signal.getsignal(signal.SIGINT) is before
