@@ -258,3 +258,32 @@ def sample_class_batches(key: jax.Array, data: dict, batch: int):
 def synthetic_by_class(images: jax.Array, data: dict) -> jax.Array:
   """The synthetic set as [C, images per class, H, W, ch]."""
   return images[data['syn_index']]
+
+
+class RealDataBackbone(Backbone):
+  """Backbones that compare real and synthetic batches class by class on a
+  fresh random network each iteration (DM, DC/DSA)."""
+
+  def prepare(self, ctx, plan, done):
+    labels = np.concatenate([np.asarray(done.labels, np.int32),
+                             np.repeat(np.arange(ctx.num_classes), plan.ipc)])
+    return RealImagesByClass(ctx.x_train, ctx.y_train, labels, ctx.num_classes)
+
+  def init_inner(self, plan, resource, key, data):
+    return self.network.init(key)  # a fresh random network per iteration
+
+  def class_batches(self, plan, images, key, data):
+    """(real [C, B, ...], its mask [C, B], synthetic [C, n, ...], one
+    augmentation key per class) for one match."""
+    real_key, aug_key = jax.random.split(key)
+    real, mask = sample_class_batches(real_key, data, plan.batch_real)
+    syn = synthetic_by_class(images, data)
+    return real, mask, syn, jax.random.split(aug_key, real.shape[0])
+
+  @staticmethod
+  def over_classes(one_class, num_classes: int, class_index=None) -> jax.Array:
+    """`one_class(c)` for `class_index`, or summed over every class (in turn:
+    all classes at once would hold C real batches' activations)."""
+    if class_index is not None:
+      return one_class(class_index)
+    return jnp.sum(jax.lax.map(one_class, jnp.arange(num_classes)))

@@ -65,7 +65,7 @@ def gradient_distance(g_real, g_syn) -> jax.Array:
   return total
 
 
-class DC(base.Backbone):
+class DC(base.RealDataBackbone):
   name = 'dc'
   title = 'DC'
   config_key = 'dc'  # DSA shares it
@@ -106,20 +106,9 @@ class DC(base.Backbone):
   def matches(self, plan) -> int:
     return self.loops(plan)[0]
 
-  def prepare(self, ctx, plan, done):
-    labels = jnp.concatenate([jnp.asarray(done.labels, jnp.int32),
-                              jnp.repeat(jnp.arange(ctx.num_classes), plan.ipc)])
-    return base.RealImagesByClass(ctx.x_train, ctx.y_train, labels, ctx.num_classes)
-
-  def init_inner(self, plan, resource, key, data):
-    return self.network.init(key)  # a fresh random network per iteration
-
   def loss(self, plan, images, labels, extras, inner, key, data, class_index=None):
     params, state = inner
-    real_key, aug_key = jax.random.split(key)
-    real, mask = base.sample_class_batches(real_key, data, plan.batch_real)
-    syn = base.synthetic_by_class(images, data)
-    aug_keys = jax.random.split(aug_key, real.shape[0])
+    real, mask, syn, aug_keys = self.class_batches(plan, images, key, data)
     strategy = self.config.augment.strategy
 
     def grads(x, y, m):
@@ -134,9 +123,7 @@ class DC(base.Backbone):
       g_syn = grads(s, jnp.full(s.shape[:1], c), jnp.ones(s.shape[:1]))
       return gradient_distance(g_real, g_syn)
 
-    if class_index is not None:
-      return one_class(class_index)
-    return jnp.sum(jax.lax.map(one_class, jnp.arange(real.shape[0])))
+    return self.over_classes(one_class, real.shape[0], class_index)
 
   def net_update(self, plan, inner, images, labels, key, data):
     params, state = inner

@@ -23,7 +23,7 @@ from seqmatch_jax.errors import ConfigError
 DSA = augment_lib.DSAParams(align_corners=False)
 
 
-class DM(base.Backbone):
+class DM(base.RealDataBackbone):
   name = 'dm'
   title = 'DM'
   config_key = 'dm'
@@ -45,20 +45,9 @@ class DM(base.Backbone):
     if config.dm.batch_real < 1:
       raise ConfigError(f'dm.batch_real must be positive, got {config.dm.batch_real}.')
 
-  def prepare(self, ctx, plan, done):
-    labels = jnp.concatenate([jnp.asarray(done.labels, jnp.int32),
-                              jnp.repeat(jnp.arange(ctx.num_classes), plan.ipc)])
-    return base.RealImagesByClass(ctx.x_train, ctx.y_train, labels, ctx.num_classes)
-
-  def init_inner(self, plan, resource, key, data):
-    return self.network.init(key)  # a fresh random network per iteration
-
   def loss(self, plan, images, labels, extras, inner, key, data, class_index=None):
     params, state = jax.lax.stop_gradient(inner)
-    real_key, aug_key = jax.random.split(key)
-    real, mask = base.sample_class_batches(real_key, data, plan.batch_real)
-    syn = base.synthetic_by_class(images, data)
-    aug_keys = jax.random.split(aug_key, real.shape[0])
+    real, mask, syn, aug_keys = self.class_batches(plan, images, key, data)
     embed = lambda x: self.network.embed(params, state, x)
 
     def one_class(c):
@@ -69,6 +58,4 @@ class DM(base.Backbone):
       mean_syn = jnp.mean(embed(s), 0)
       return jnp.sum(jnp.square(jax.lax.stop_gradient(mean_real) - mean_syn))
 
-    if class_index is not None:
-      return one_class(class_index)
-    return jnp.sum(jax.lax.map(one_class, jnp.arange(real.shape[0])))
+    return self.over_classes(one_class, real.shape[0], class_index)
