@@ -130,6 +130,25 @@ def test_ema_post_step_formula():
   assert not np.allclose(state.aux['ema'], state.images)  # never fed back
 
 
+def test_best_iterate_keeps_its_ema():
+  """Validation keeping a set keeps that iterate's EMA with it."""
+  backbone, plan = _ftd_backbone(helpers.tiny_convnet(), iterations=2,
+                                 lr_img=1.0, ema_decay=0.5)
+  images = jnp.ones((20, 8, 8, 1))
+  state = distill.init_state(backbone, plan, images, jax.random.key(0))
+  state = backbone.post_step(plan, state.replace(images=images * 3))  # ema 2
+  scores = iter([0.5, 0.4])
+  score = lambda *_: next(scores)
+  state = distill._evaluate(backbone, state, score, images[:0], None, 1, plan,
+                            None, 'x')
+  np.testing.assert_array_equal(state.aux['best_ema'], 2.0)
+  state = backbone.post_step(plan, state)  # ema 2.5, validation worse
+  state = distill._evaluate(backbone, state, score, images[:0], None, 2, plan,
+                            None, 'x')
+  np.testing.assert_array_equal(state.aux['ema'], 2.5)
+  np.testing.assert_array_equal(state.aux['best_ema'], 2.0)
+
+
 @pytest.fixture(scope='module')
 def gsam_experts(tmp_path_factory):
   """Two tiny GSAM experts x 2 epochs on digits."""
