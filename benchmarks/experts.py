@@ -1,8 +1,11 @@
 """Expert-epochs per second with 1, 4 and 8 experts per batch (vmapped) vs the
 same experts one after another, for ConvNet-3 on random 32x32x3 data and on
-digits.
+digits; `--optimizers=sgd,gsam` also times FTD's GSAM experts (two
+forward/backward passes per step).
 
   python -m benchmarks.experts --images=1024 --groups=1,4,8
+  python -m benchmarks.experts --data=digits --groups=1 --modes=sequential \
+      --optimizers=sgd,gsam
 
 One process per configuration; the epoch is timed after compilation.
 """
@@ -34,7 +37,9 @@ def measure(args: dict) -> dict:
     x = jax.random.normal(jax.random.key(0), (args['images'], 32, 32, 3))
     y = jax.random.randint(jax.random.key(1), (args['images'],), 0, 10)
     net = create_network('convnet', 10, (32, 32, 3), width=128, depth=3)
-  spec = training.SGDSpec(batch_size=256, augment='color_crop_cutout_flip_scale_rotate')
+  gsam = (0.01, 0.3) if args.get('optimizer', 'sgd') == 'gsam' else None
+  spec = training.SGDSpec(batch_size=256, augment='color_crop_cutout_flip_scale_rotate',
+                          gsam=gsam)
   g = args['group']
   keys = jax.random.split(jax.random.key(2), g)
   params, state = jax.vmap(net.init)(keys)
@@ -58,7 +63,8 @@ def measure(args: dict) -> dict:
     times.append(time.time() - t0)
   med = statistics.median(times)
   return dict(data=args['data'], images=int(x.shape[0]), experts=g,
-              mode=args['mode'], s_per_group_epoch=round(med, 3),
+              mode=args['mode'], optimizer=args.get('optimizer', 'sgd'),
+              s_per_group_epoch=round(med, 3),
               expert_epochs_per_s=round(g / med, 3), first_call_s=round(first, 1),
               peak_rss_mib=common.self_peak_rss_mib(), backend=jax.default_backend())
 
@@ -70,6 +76,7 @@ def main():
   p.add_argument('--images', type=int, default=1024)
   p.add_argument('--groups', default='1,4,8')
   p.add_argument('--modes', default='vmap,sequential')
+  p.add_argument('--optimizers', default='sgd')  # sgd,gsam
   p.add_argument('--reps', type=int, default=3)
   p.add_argument('--out', default='benchmarks/results/experts')
   a = p.parse_args()
@@ -81,15 +88,17 @@ def main():
   for data in a.data.split(','):
     for g in [int(v) for v in a.groups.split(',')]:
       for mode in a.modes.split(','):
-        if g == 1 and mode == 'vmap':
-          continue
-        row = common.run_isolated('benchmarks.experts', dict(
-            data=data, images=a.images, group=g, mode=mode, reps=a.reps))
-        rows.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
+        for opt in a.optimizers.split(','):
+          if g == 1 and mode == 'vmap':
+            continue
+          row = common.run_isolated('benchmarks.experts', dict(
+              data=data, images=a.images, group=g, mode=mode, reps=a.reps,
+              optimizer=opt))
+          rows.append(row)
+          print(json.dumps(row), file=sys.stderr, flush=True)
   cmd = 'python -m benchmarks.experts ' + ' '.join(sys.argv[1:])
   print(common.write_outputs(
-      rows, ['data', 'images', 'experts', 'mode', 's_per_group_epoch',
+      rows, ['data', 'images', 'experts', 'mode', 'optimizer', 's_per_group_epoch',
              'expert_epochs_per_s', 'first_call_s', 'peak_rss_mib'],
       a.out, 'Expert training throughput', cmd))
 

@@ -1,4 +1,5 @@
-"""CIFAR-10 (tfds `cifar10`): MTT reference values; SeqMatch per paper Table 4.
+"""CIFAR-10 (tfds `cifar10`): MTT reference values; SeqMatch per paper Table 4;
+FTD (`ftd.*`, experts.alpha) per FTD's Table 7.
 
 Variants: configs/cifar10.py:ipc=1|10|50 and `k=N` (k=1: plain MTT).
 """
@@ -26,6 +27,16 @@ TABLES = {
          'mtt.lr_lr': 1e-5, 'mtt.lr_teacher': 0.01, 'dataset.zca': True,
          'seqmatch.num_subsets': 3, 'mtt.per_subset.max_start_epoch': (20, 20, 10)},
 }
+
+
+# FTD (backbone.name=ftd, --config.experts.optimizer=gsam): Table 7 of Du et
+# al. (CVPR 2023), 5000 iterations; SeqMatch-FTD's windows as SeqMatch-MTT's.
+TABLES[1].update(config_lib.ftd_row(50, 2, 2, 100.0, 1e-7, 0.01, 0.3, 0.9999))
+TABLES[10].update(config_lib.ftd_row(
+    30, 2, 20, 100.0, 1e-5, 0.001, 0.3, 0.9995, max_start_epoch=(20, 10),
+    syn_steps=(30, 80), expert_epochs=(2, 3)))
+TABLES[50].update(config_lib.ftd_row(30, 2, 40, 1000.0, 1e-5, 0.01, 1.0, 0.999,
+                                     max_start_epoch=(20, 20, 10)))
 
 
 def get_config(arg=None):

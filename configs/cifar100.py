@@ -1,4 +1,5 @@
-"""CIFAR-100 (tfds `cifar100`): MTT reference values; SeqMatch per Table 4.
+"""CIFAR-100 (tfds `cifar100`): MTT reference values; SeqMatch per Table 4;
+FTD (`ftd.*`, experts.alpha) per FTD's Table 7.
 
 Variants: configs/cifar100.py:ipc=1|10|50 and `k=N` (k=1: plain MTT).
 """
@@ -21,6 +22,16 @@ TABLES = {
          'mtt.batch_syn': 125, 'seqmatch.num_subsets': 3,
          'mtt.per_subset.max_start_epoch': (40, 20, 20)},
 }
+
+
+# FTD (backbone.name=ftd, --config.experts.optimizer=gsam): Table 7 of Du et
+# al. (CVPR 2023), 5000 iterations; SeqMatch-FTD's windows as SeqMatch-MTT's.
+TABLES[1].update(config_lib.ftd_row(40, 3, 20, 1000.0, 1e-5, 0.01, 1.0, 0.9995))
+TABLES[10].update(config_lib.ftd_row(20, 2, 40, 1000.0, 1e-5, 0.01, 1.0, 0.9995,
+                                     max_start_epoch=(20, 40)))
+TABLES[50].update(config_lib.ftd_row(80, 2, 40, 1000.0, 1e-5, 0.01, 1.0, 0.999,
+                                     batch_syn=1000,
+                                     max_start_epoch=(40, 20, 20)))
 
 
 def get_config(arg=None):

@@ -23,6 +23,20 @@ BASE = {
     'dm.iterations': 1000,
     'dc.iterations': 100, 'dc.outer_loop': 5, 'dc.inner_loop': 10,
 }
+
+
+def _ftd(row: dict, ema_decay: float, subset_decay: float | None = None) -> dict:
+  """FTD (backbone.name=ftd, with experts.optimizer=gsam) at the MTT row's
+  values, plus an EMA decay sized for a few hundred iterations: d^iterations
+  ~ 0.05 left on the initial images (FTD: 0.9995^5000 = 0.08)."""
+  out = {'ftd.' + k[4:]: v for k, v in row.items() if k.startswith('mtt.')}
+  out['ftd.ema_decay'] = ema_decay
+  if subset_decay is not None:
+    out['ftd.per_subset.ema_decay'] = (subset_decay,)
+  return out
+
+
+
 TABLES = {
     1: {'mtt.iterations': 200, 'mtt.syn_steps': 20,
         'mtt.expert_epochs': 2, 'mtt.max_start_epoch': 4,
@@ -42,6 +56,10 @@ TABLES = {
          'dm.per_subset.iterations': (500, 500),
          'dc.per_subset.iterations': (50, 50)},
 }
+TABLES[1].update(_ftd(TABLES[1], 0.985))  # 200 iterations
+# 300 iterations for plain FTD (0.99^300 = 0.05); 150 per SeqMatch subset
+# (0.98^150 = 0.05).
+TABLES[10].update(_ftd(TABLES[10], 0.99, 0.98))
 
 
 def get_config(arg=None):

@@ -50,10 +50,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.experts.dir = ''  # '' = WORKDIR/experts; set to share one expert set
   c.experts.per_batch = 0  # experts trained together (vmap); 0 = per backend
   c.experts.staged_epochs = 20  # real-data epochs of SeqMatch's staged experts
+  # sgd | gsam. GSAM (FTD's flat experts; backbone.name=ftd needs it) costs
+  # two forward/backward passes per step. rho: FTD's run_buffer.sh (0.01,
+  # constant). alpha: FTD's Table 7 (0.3 for CIFAR-10 ipc 1/10, 1 elsewhere;
+  # the official script passes none, so its argparse default 0.4 is used).
+  c.experts.optimizer = 'sgd'
+  c.experts.rho = 0.01
+  c.experts.alpha = 0.3
 
   c.backbone = ml_collections.ConfigDict()
-  c.backbone.name = 'mtt'  # mtt | dm | dc | dsa (backbones.REGISTRY)
-  # One sub-dict per backbone (c.mtt, c.dm, c.dc; DSA reads c.dc), each with
+  c.backbone.name = 'mtt'  # mtt | ftd | dm | dc | dsa (backbones.REGISTRY)
+  # One sub-dict per backbone (c.mtt, c.ftd, c.dm, c.dc; DSA reads c.dc), each with
   # its scalars and a `per_subset` dict of SeqMatch's per-subset tuples.
   for key, defaults in backbones.default_configs().items():
     c[key] = defaults
@@ -202,6 +209,21 @@ def clear_subsets(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for name in c[key].per_subset:
       c[key].per_subset[name] = ()
   return c
+
+
+def ftd_row(n: int, m: int, t_plus: int, lr_img: float, lr_lr: float,
+            lr_teacher: float, alpha: float, ema: float, batch_syn: int = 0,
+            **per_subset) -> dict:
+  """A row of FTD's Table 7 (N/M/T+/lr_img/lr_lr/lr_teacher/alpha/EMA,
+  batch_syn) as `ftd.*` settings plus `experts.alpha`; the table's alpha is
+  the paper's (the official run_buffer.sh passes none: 0.4). `per_subset`:
+  SeqMatch-FTD's `ftd.per_subset.*` tuples (no published values: the dataset
+  configs reuse SeqMatch-MTT's Table 4 windows)."""
+  row = {'ftd.syn_steps': n, 'ftd.expert_epochs': m, 'ftd.max_start_epoch': t_plus,
+         'ftd.lr_img': lr_img, 'ftd.lr_lr': lr_lr, 'ftd.lr_teacher': lr_teacher,
+         'ftd.ema_decay': ema, 'ftd.batch_syn': batch_syn, 'experts.alpha': alpha}
+  row.update({f'ftd.per_subset.{k}': tuple(v) for k, v in per_subset.items()})
+  return row
 
 
 # MNIST, Fashion-MNIST and SVHN are not in the paper's Table 4: our values,

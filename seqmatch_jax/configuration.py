@@ -71,6 +71,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             'distill.eval_every', 'distill.checkpoint_every', 'dataset.val_size',
             'distill.trajectories_per_step', 'eval.momentum', 'eval.weight_decay',
             'parallel.num_devices', allow_zero=True)
+  if config.experts.optimizer not in ('sgd', 'gsam'):
+    raise ConfigError(f'experts.optimizer must be sgd|gsam, got '
+                      f'{config.experts.optimizer!r}.')
+  _positive(config, 'experts.rho', 'experts.alpha', allow_zero=True)
   if config.distill.pix_init not in ('real', 'noise'):
     raise ConfigError(f"distill.pix_init must be real|noise, got "
                       f"{config.distill.pix_init!r}.")

@@ -415,4 +415,5 @@ def _evaluate(backbone: Backbone, state: DistillState, evaluate_fn, frozen, writ
     if mesh is None:
       best = jax.tree.map(jnp.asarray, best)
     state = state.replace(**parallel.replicate(best, mesh))
+    state = backbone.keep_best(plan, state)
   return state

@@ -272,4 +272,7 @@ def write_results(workdir: str, results: dict[str, Any]) -> None:
       stages = ' → '.join(f"{s['mean']:.2f}" for s in r.get('stages', [])) \
           if len(r.get('stages', [])) > 1 else ''
       lines.append(f"| {row_name} | {arch} | {r['mean']:.2f} ± {r['std']:.2f} | {stages} |")
+  for name, k in results.get('ema_kept', {}).items():
+    lines.append(f"\n{name}: kept **{k['kept']}** images ({k['architecture']}: "
+                 f"raw {k['raw']:.2f}, EMA {k['ema']:.2f}).")
   files.write_text(os.path.join(workdir, 'results.md'), '\n'.join(lines) + '\n')

@@ -222,6 +222,32 @@ class ExpertSpec:
   batch_size: int
   augment: str
   per_batch: int  # experts trained together; 0 = per backend
+  optimizer: str = 'sgd'  # sgd | gsam (FTD's flat experts)
+  rho: float = 0.0  # GSAM's ascent radius (gsam only)
+  alpha: float = 0.0  # GSAM's surrogate-gap weight (gsam only)
+
+  def sgd_spec(self) -> training.SGDSpec:
+    """The shared loop's spec: torch SGD, with GSAM's two passes when asked."""
+    return training.SGDSpec(
+        batch_size=self.batch_size, momentum=self.momentum, augment=self.augment,
+        gsam=(self.rho, self.alpha) if self.optimizer == 'gsam' else None)
+
+  def record(self) -> dict:
+    """What metadata.json says about the optimiser: an SGD expert directory
+    must never be reused for GSAM (or for another rho / alpha)."""
+    if self.optimizer == 'sgd':
+      return dict(optimizer='sgd')
+    return dict(optimizer=self.optimizer, rho=self.rho, alpha=self.alpha)
+
+
+def spec_from_config(config, epochs: int) -> ExpertSpec:
+  """Real-data experts (epochs = experts.epochs) and SeqMatch's staged ones
+  (experts.staged_epochs) share every other setting, the optimiser included."""
+  e = config.experts
+  return ExpertSpec(num=e.num, epochs=epochs, lr=e.lr, momentum=e.momentum,
+                    batch_size=e.batch_size, augment=config.augment.strategy,
+                    per_batch=e.per_batch, optimizer=e.optimizer,
+                    rho=float(e.rho), alpha=float(e.alpha))
 
 
 def resolve_per_batch(per_batch: int, num: int) -> int:
@@ -246,7 +272,9 @@ def _check_metadata(path: str, metadata: dict) -> None:
         'to retrain the experts, or use another --config.experts.dir.')
   keys = ('dataset', 'image_shape', 'num_classes', 'model', 'zca', 'epochs',
           'lr', 'momentum', 'batch_size', 'augment', 'start', 'seed', 'val_size',
-          'stage_lrs', 'stages_crc')
+          'stage_lrs', 'stages_crc', 'optimizer', 'rho', 'alpha')
+  # Directories written before the optimiser was recorded hold SGD experts.
+  old = dict({'optimizer': 'sgd'}, **old)
   diff = [k for k in keys if old.get(k) != metadata.get(k)]
   if diff:
     raise CheckpointError(
@@ -281,13 +309,13 @@ def train_experts(network: Network, spec: ExpertSpec, path: str,
   os.makedirs(path, exist_ok=True)
   metadata = dict(metadata, format=FORMAT_VERSION, epochs=spec.epochs,
                   num_experts=spec.num, lr=spec.lr, momentum=spec.momentum,
-                  batch_size=spec.batch_size, augment=spec.augment)
+                  batch_size=spec.batch_size, augment=spec.augment,
+                  **spec.record())
   _check_metadata(path, metadata)
   parallel.main_only(lambda: _write_json(os.path.join(path, 'metadata.json'),
                                          metadata), f'expert metadata {path}')
   store = TrajectoryStore(path)
-  sgd = training.SGDSpec(batch_size=spec.batch_size, momentum=spec.momentum,
-                         augment=spec.augment)
+  sgd = spec.sgd_spec()
   keep_opt = spec.momentum != 0.0
   init_fn = init_fn or (lambda i, k: network.init(k))
   ids = list(range(spec.num)) if expert_ids is None else list(expert_ids)

@@ -216,6 +216,7 @@ def distill_all(ctx: Context, tag: str = '') -> synthetic.SyntheticSet:
                         sizes, ctx.num_classes, config.distill.pix_init)
   root = os.path.join(ctx.workdir, tag) if tag else ctx.workdir
   done = backbones.Done(init[:0], labels[:0], subset[:0], [])
+  emas = []  # each subset's own image EMA (backbones that keep one: FTD)
   for plan in plans:
     k = plan.index
     mine = subset == k
@@ -223,16 +224,22 @@ def distill_all(ctx: Context, tag: str = '') -> synthetic.SyntheticSet:
     record = subset_record(config, plan)
     if parallel.agree(os.path.exists(path)):
       images, lr = _finished_subset(path, init[mine], labels[mine], record)
+      ema = synthetic.load_subset_ema(path)
     else:
       source = backbone.prepare(ctx, plan, done)
-      images, lr = _distill_one(ctx, backbone, plan, source, done, init[mine],
-                                labels, subset, root, tag, record)
+      images, lr, ema = _distill_one(ctx, backbone, plan, source, done,
+                                     init[mine], labels, subset, root, tag,
+                                     record)
       parallel.main_only(lambda: synthetic.save_subset(
-          path, images, lr, labels[mine], record), f'subset {tag} {k + 1}')
+          path, images, lr, labels[mine], record, ema), f'subset {tag} {k + 1}')
+    emas.append(ema)
     done = backbones.Done(np.concatenate([done.images, images]),
                           labels[subset <= k], subset[subset <= k], done.lrs + [lr])
+  ema = (np.concatenate(emas) if emas and all(e is not None for e in emas)
+         else None)
   return synthetic.SyntheticSet(done.images, labels, subset,
-                                np.asarray(done.lrs, np.float32), backbone.name)
+                                np.asarray(done.lrs, np.float32), backbone.name,
+                                ema)
 
 
 def _finished_subset(path: str, init, labels, record) -> tuple[np.ndarray, float]:
@@ -249,9 +256,10 @@ def _finished_subset(path: str, init, labels, record) -> tuple[np.ndarray, float
 
 def _distill_one(ctx: Context, backbone, plan, source, done: backbones.Done,
                  init, labels, subset, root: str, tag: str,
-                 record: dict) -> tuple[np.ndarray, float]:
+                 record: dict) -> tuple[np.ndarray, float, np.ndarray | None]:
   """Distils subset `plan.index` with the earlier ones frozen; returns its
-  images (the best on the validation split when there is one) and lr."""
+  images (the best on the validation split when there is one), lr, and its
+  image EMA if the backbone keeps one (the EMA at that same best iterate)."""
   config = ctx.config
   k = plan.index
   evaluate_fn = None
@@ -278,7 +286,8 @@ def _distill_one(ctx: Context, backbone, plan, source, done: backbones.Done,
   use_best = evaluate_fn is not None and float(state.best_score) >= 0
   images = parallel.fetch(state.best_images if use_best else state.images)
   lr = backbone.eval_lr(state.best_extras if use_best else state.extras)
-  return images, lr
+  ema = state.aux.get('best_ema' if use_best else 'ema')
+  return images, lr, None if ema is None else parallel.fetch(ema)
 
 
 def _val_evaluator(ctx: Context, labels, subset, prev_lrs):

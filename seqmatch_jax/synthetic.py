@@ -4,11 +4,13 @@
 exact model-space images the run produced), `labels`, `subset` (0-based subset
 id per image), `lr` (the evaluation step size of each subset: MTT's learned
 `syn_lr`, the protocol's lr for the other backbones), `backbone`, the run's
-`config` and a `preprocessing` tag saying what model space meant. Users' own
-npz files need only `images` and `labels`.
+`config` and a `preprocessing` tag saying what model space meant. Backbones
+that keep an EMA of the images (FTD) add `images_ema` / `images_ema_model`
+beside the raw ones (same layout, labels and lrs). Users' own npz files need
+only `images` and `labels`.
 
 `subsets/subset_k.npz` is a finished subset of a run in progress:
-`images_model`, `lr`, `labels`.
+`images_model`, `lr`, `labels` (and `ema_model`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class SyntheticSet:
   subset: np.ndarray | None = None  # None: one subset
   lrs: np.ndarray | None = None  # one per subset; None: the protocol's lr
   backbone: str = ''
+  ema: np.ndarray | None = None  # model space, like `images` (FTD's EMA)
 
   @property
   def num_subsets(self) -> int:
@@ -63,8 +66,13 @@ def save(path: str, syn: SyntheticSet, preprocessor, config) -> None:
   pixels = np.clip(np.asarray(preprocessor.to_pixels(syn.images)), 0.0, 1.0)
   subset = (np.zeros(len(syn.labels), np.int32) if syn.subset is None
             else syn.subset)
+  ema = {}
+  if syn.ema is not None:
+    ema = dict(images_ema=np.clip(np.asarray(preprocessor.to_pixels(syn.ema)),
+                                  0.0, 1.0).astype(np.float32),
+               images_ema_model=np.asarray(syn.ema, np.float32))
   files.write_npz(
-      path, images=pixels.astype(np.float32),
+      path, **ema, images=pixels.astype(np.float32),
       images_model=np.asarray(syn.images, np.float32), labels=syn.labels,
       subset=subset, lr=np.asarray(syn.lrs, np.float32),
       backbone=np.asarray(syn.backbone),
@@ -132,25 +140,49 @@ def load(path: str, num_classes: int, image_shape, preprocessor=None,
     num_subsets = 1 if subset is None else int(subset.max()) + 1
     if lrs.shape[0] not in (1, num_subsets) or not np.all(lrs > 0):
       raise DataError(f'{path}: lr must be {num_subsets} positive values, got {lrs}.')
-  model = data.get('images_model')
   tag = data.get('preprocessing')
-  if (model is not None and model.shape == images.shape and config is not None
-      and tag is not None and same_preprocessing(str(tag), config)):
-    images = model.astype(np.float32)
-  elif preprocessor is not None:
-    logging.info('%s: converting its pixel images with this config\'s '
-                 'preprocessing', path)
-    images = np.asarray(preprocessor.to_model(images.astype(np.float32)), np.float32)
+  same = config is not None and tag is not None and same_preprocessing(str(tag),
+                                                                       config)
+
+  def model_space(pixels, model):
+    if model is not None and model.shape == pixels.shape and same:
+      return model.astype(np.float32)
+    if preprocessor is not None:
+      logging.info('%s: converting its pixel images with this config\'s '
+                   'preprocessing', path)
+      return np.asarray(preprocessor.to_model(pixels.astype(np.float32)), np.float32)
+    return pixels
+  images = model_space(images, data.get('images_model'))
+  ema = data.get('images_ema')
+  if ema is not None:
+    if ema.shape != data['images'].shape or not np.all(np.isfinite(ema)):
+      raise DataError(f'{path}: images_ema must be finite with the shape of '
+                      f'images {data["images"].shape}, got {ema.shape}.')
+    ema = model_space(ema, data.get('images_ema_model')).astype(np.float32)
   backbone = str(data['backbone']) if 'backbone' in data else ''
   return SyntheticSet(images.astype(np.float32), labels.astype(np.int32), subset,
-                      lrs, backbone)
+                      lrs, backbone, ema)
 
 
 def save_subset(path: str, images: np.ndarray, lr: float, labels: np.ndarray,
-                settings: dict | None = None) -> None:
+                settings: dict | None = None, ema: np.ndarray | None = None) -> None:
+  extra = {} if ema is None else dict(ema_model=np.asarray(ema, np.float32))
   files.write_npz(path, images_model=np.asarray(images, np.float32),
                   lr=np.float32(lr), labels=np.asarray(labels),
-                  settings=np.asarray(json.dumps(settings or {}, sort_keys=True)))
+                  settings=np.asarray(json.dumps(settings or {}, sort_keys=True)),
+                  **extra)
+
+
+def load_subset_ema(path: str) -> np.ndarray | None:
+  """The EMA images of a finished subset (None: its backbone keeps none)."""
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return f['ema_model'] if 'ema_model' in f.files else None
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    raise CheckpointError(
+        f'{path} is damaged ({type(e).__name__}); delete it and rerun the same '
+        'command to distil that subset again (its checkpoint in distill/ is '
+        'reused).') from e
 
 
 def load_subset(path: str) -> tuple[np.ndarray, float, np.ndarray, dict | None]:

@@ -33,6 +33,8 @@ class SGDSpec:
   augment: str = ''  # DSA strategy; '' = none
   decay_at_half: bool = False  # lr x0.1 (and momentum reset) at epochs // 2
   align_corners: bool = True  # DSA's affine sampling (MTT: True, DC/DM: False)
+  # (rho, alpha): GSAM (FTD's flat experts) instead of plain SGD; None = SGD.
+  gsam: tuple[float, float] | None = None
 
   def transform(self) -> optax.GradientTransformation:
     """Weight decay then momentum; the lr is applied by the caller (traced)."""
@@ -80,10 +82,37 @@ def masked_loss(network: Network, params: Params, state: State, x: jax.Array,
   return loss, new_state
 
 
+def _vdot(a: Params, b: Params) -> jax.Array:
+  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def gsam_direction(loss_grad, params: Params, grads: Params, rho: float,
+                   alpha: float) -> Params:
+  """GSAM's descent direction (Zhuang et al., ICLR 2022) in FTD's setting.
+
+  Why a second gradient: GSAM steps with the gradient at the adaptive ascent
+  point w + e, minus alpha times the part of g = grad(w) orthogonal to it,
+  which lowers the surrogate gap (flatter minima, FTD's point). With the
+  official GSAM's adaptive mode: n = ||w * g||_2 over all parameters,
+  e = rho w^2 g / (n + 1e-12) (w squared, |w| only in the norm).
+  `loss_grad(params) -> grads` is the minibatch gradient, evaluated at w + e
+  on the same (augmented) batch.
+  """
+  n = optax.global_norm(jax.tree.map(lambda w, g: jnp.abs(w) * g, params, grads))
+  e = jax.tree.map(lambda w, g: rho * w * w * g / (n + 1e-12), params, grads)
+  g_p = loss_grad(jax.tree.map(jnp.add, params, e))
+  norm_g, norm_p = optax.global_norm(grads), optax.global_norm(g_p)
+  cos = _vdot(grads, g_p) / (norm_p * norm_g + 1e-12)
+  scale = cos * norm_g / (norm_p + 1e-12)
+  # g_perp = g - cos ||g|| g_p / ||g_p||;  d = g_p - alpha g_perp
+  return jax.tree.map(lambda g, gp: gp - alpha * (g - scale * gp), grads, g_p)
+
+
 def run_epoch(network: Network, spec: SGDSpec, params: Params, state: State,
               opt_state: Any, images: jax.Array, labels: jax.Array,
               key: jax.Array, lr: jax.Array) -> tuple[Params, State, Any, jax.Array]:
-  """One pass over (images, labels); returns the new weights and the mean loss."""
+  """One pass over (images, labels); returns the new weights and the mean loss
+  (at w, before any GSAM ascent)."""
   tx = spec.transform()
   perm_key, aug_key = jax.random.split(key)
   idx, mask = batch_schedule(perm_key, images.shape[0], spec.batch_size)
@@ -97,7 +126,14 @@ def run_epoch(network: Network, spec: SGDSpec, params: Params, state: State,
     if spec.augment:
       x = augment_lib.augment(k, x, spec.augment,
                               augment_lib.DSAParams(align_corners=spec.align_corners))
-    (loss, state), grads = grad_fn(params, state, x, labels[i], m)
+    (loss, new_state), grads = grad_fn(params, state, x, labels[i], m)
+    if spec.gsam is not None:
+      # The second pass reads the first pass's input state and its new
+      # state is dropped (GSAM freezes BatchNorm statistics there).
+      grads = gsam_direction(
+          lambda p: grad_fn(p, state, x, labels[i], m)[1], params, grads,
+          *spec.gsam)
+    state = new_state
     updates, opt_state = tx.update(grads, opt_state, params)
     params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
     return (params, state, opt_state), loss

@@ -16,7 +16,9 @@ which backbone runs. Per distillation iteration the loop
      MTT's step size) -- or one step per class when `step_per_class` -- and,
      between matches, `net_update` (DC trains its network on the synthetic
      set);
-  3. `post_step` on the new state (e.g. an EMA of the images).
+  3. `post_step` on the new state (e.g. an EMA of the images); when in-run
+     validation keeps a new best set, `keep_best` stores in `aux` what must
+     travel with it (FTD: that iterate's EMA).
 
 Evaluation trains each stage with `eval_lr(extras)`: the learned step size for
 MTT, the protocol's `eval.lr` for the others.
@@ -41,6 +43,7 @@ Params = Any
 # name -> 'module:Class'. DSA is DC with siamese augmentation (same class).
 REGISTRY = {
     'mtt': 'seqmatch_jax.backbones.mtt:MTT',
+    'ftd': 'seqmatch_jax.backbones.ftd:FTD',
     'dm': 'seqmatch_jax.backbones.dm:DM',
     'dc': 'seqmatch_jax.backbones.dc:DC',
     'dsa': 'seqmatch_jax.backbones.dc:DSA',
@@ -153,6 +156,11 @@ class Backbone:
     return {}
 
   def post_step(self, plan: SubsetPlan, state):
+    return state
+
+  def keep_best(self, plan: SubsetPlan, state):
+    """Called when validation picks `state` as the best so far: keeps in
+    `aux` what must travel with the best images (FTD: their EMA)."""
     return state
 
   def eval_lr(self, extras: dict) -> float:

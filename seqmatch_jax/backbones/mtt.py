@@ -64,13 +64,14 @@ class MTT(base.Backbone):
   @classmethod
   def validate(cls, config, plans) -> None:
     super().validate(config, plans)
-    if config.mtt.start_epochs not in ('auto', 'mtt', 'seqmatch'):
-      raise ConfigError("mtt.start_epochs must be auto|mtt|seqmatch, got "
-                        f'{config.mtt.start_epochs!r}.')
+    key = cls.config_key
+    if config[key].start_epochs not in ('auto', 'mtt', 'seqmatch'):
+      raise ConfigError(f"{key}.start_epochs must be auto|mtt|seqmatch, got "
+                        f'{config[key].start_epochs!r}.')
     for p in plans:
       for name in PER_SUBSET:
         if getattr(p, name) <= 0:
-          raise ConfigError(f'mtt.{name} of subset {p.index + 1} must be '
+          raise ConfigError(f'{key}.{name} of subset {p.index + 1} must be '
                             f'positive, got {getattr(p, name)}.')
       bound = start_bound(config, p)
       if bound < 1:
@@ -78,7 +79,7 @@ class MTT(base.Backbone):
             f'Subset {p.index + 1}: max_start_epoch {p.max_start_epoch} leaves no '
             f'start epoch before the target: SeqMatch draws starts in [0, T+ - M) '
             f'= [0, {bound}); raise max_start_epoch above expert_epochs '
-            f'{p.expert_epochs} (or set --config.mtt.start_epochs=mtt).')
+            f'{p.expert_epochs} (or set --config.{key}.start_epochs=mtt).')
       horizon = config.experts.epochs if p.index == 0 else config.experts.staged_epochs
       which = 'experts.epochs' if p.index == 0 else 'experts.staged_epochs'
       if bound - 1 + p.expert_epochs > horizon:
@@ -87,9 +88,10 @@ class MTT(base.Backbone):
             f'expert_epochs {p.expert_epochs} exceeds {which}={horizon}; '
             f'lower them or raise {which}.')
     if plans[0].min_syn_lr <= 0:
-      raise ConfigError(f'mtt.min_syn_lr must be positive, got {plans[0].min_syn_lr}.')
+      raise ConfigError(f'{key}.min_syn_lr must be positive, got '
+                        f'{plans[0].min_syn_lr}.')
     if plans[0].batch_syn < 0:
-      raise ConfigError(f'mtt.batch_syn must be >= 0, got {plans[0].batch_syn}.')
+      raise ConfigError(f'{key}.batch_syn must be >= 0, got {plans[0].batch_syn}.')
 
   def init_extras(self, plan):
     return {'syn_lr': jnp.asarray(plan.lr_teacher, jnp.float32)}
@@ -130,7 +132,7 @@ class MTT(base.Backbone):
 def start_bound(config, plan: base.SubsetPlan) -> int:
   """Start epochs are drawn from [0, bound): MTT's bound is T+; the official
   SeqMatch code's is T+ - M, for every subset of a SeqMatch run."""
-  rule = config.mtt.start_epochs
+  rule = base.settings(config).start_epochs  # mtt.* or ftd.*
   if rule == 'auto':
     rule = 'seqmatch' if config.seqmatch.num_subsets > 1 else 'mtt'
   if rule == 'seqmatch':
@@ -224,11 +226,8 @@ def staged_experts(ctx, k: int, done: base.Done) -> experts_lib.TrajectoryStore:
   config = ctx.config
   protocol = evaluate_lib.protocol_from_config(config)
   stages = evaluate_lib.stage_sets(done.images, done.labels, done.subset)
-  spec = experts_lib.ExpertSpec(
-      num=config.experts.num, epochs=config.experts.staged_epochs,
-      lr=config.experts.lr, momentum=config.experts.momentum,
-      batch_size=config.experts.batch_size, augment=config.augment.strategy,
-      per_batch=config.experts.per_batch)
+  # Same optimiser as the real-data experts: SeqMatch-FTD's are GSAM too.
+  spec = experts_lib.spec_from_config(config, config.experts.staged_epochs)
   subsets = [done.images[done.subset == i] for i in range(k)]
   meta = dict(ctx.expert_metadata, start=f'staged on subsets 1..{k}',
               stage_lrs=[float(v) for v in done.lrs[:k]],
