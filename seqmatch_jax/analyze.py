@@ -59,37 +59,42 @@ from seqmatch_jax.pipeline import prepare_data
 from seqmatch_jax.pipeline import PreparedData
 
 FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'The config the sets were made with, e.g. configs/digits.py.',
-    lock_config=True)
-flags.DEFINE_string('workdir', None, 'Run directory holding synthetic.npz.')
-flags.DEFINE_list('sets', [], 'Synthetic sets to analyse (default: WORKDIR/'
-                  'synthetic.npz and WORKDIR/*/synthetic.npz).')
-flags.DEFINE_list('names', [], 'Display names of --sets, same order.')
-flags.DEFINE_string('out', '', 'Output folder; default WORKDIR/analysis.')
-flags.DEFINE_list('analyses', ['loss', 'coupling', 'grids'],
-                  'Which of loss, coupling, grids to run.')
-flags.DEFINE_integer('loss_epochs', 20, 'Epochs of the instance-loss run (split '
-                     'equally over the stages of a staged set).')
-flags.DEFINE_integer('loss_iterations', 20, 'SGD iterations per epoch (paper: 20).')
-flags.DEFINE_integer('loss_models', 1, 'Networks per set; their losses are averaged.')
-flags.DEFINE_integer('max_instances', 2000, 'Real training instances tracked (a '
-                     'seeded random subsample when the training set is larger).')
-flags.DEFINE_integer('coupling_inits', 4, 'Initialisations θ0 per set (scatter '
-                     'points).')
-flags.DEFINE_integer('coupling_models', 2, 'Networks trained on S+ and on S- per θ0.')
-flags.DEFINE_integer('coupling_epochs', 100, 'Epochs per S+/S- network (the '
-                     'evaluation protocol otherwise; 0 = eval.epochs).')
-flags.DEFINE_integer('r_max_dims', 1024, 'Images with at most this many input '
-                     'dimensions get the exact R norm; larger ones the estimator.')
-flags.DEFINE_integer('r_columns', 256, 'Input dimensions the R-norm estimator samples.')
-flags.DEFINE_integer('r_check_images', 4, 'Images on which the estimator is '
-                     'checked against the exact norm.')
-flags.DEFINE_string('k_search', '', 'Folder of k<K>/synthetic.npz runs: score '
-                    'them on the validation split and plot accuracy against K.')
-flags.DEFINE_integer('k_search_models', 0, 'Networks per K (0 = eval.num_models).')
-flags.DEFINE_integer('k_search_epochs', 0, 'Epochs per network (0 = eval.epochs).')
-flags.DEFINE_integer('seed', 0, 'PRNG seed of every analysis.')
+
+
+def _define_flags() -> None:
+  """The command line's flags, defined only when run as a program: the
+  module stays importable beside seqmatch_jax.main (both have --config)."""
+  config_flags.DEFINE_config_file(
+      'config', None, 'The config the sets were made with, e.g. configs/digits.py.',
+      lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Run directory holding synthetic.npz.')
+  flags.DEFINE_list('sets', [], 'Synthetic sets to analyse (default: WORKDIR/'
+                    'synthetic.npz and WORKDIR/*/synthetic.npz).')
+  flags.DEFINE_list('names', [], 'Display names of --sets, same order.')
+  flags.DEFINE_string('out', '', 'Output folder; default WORKDIR/analysis.')
+  flags.DEFINE_list('analyses', ['loss', 'coupling', 'grids'],
+                    'Which of loss, coupling, grids to run.')
+  flags.DEFINE_integer('loss_epochs', 20, 'Epochs of the instance-loss run (split '
+                       'equally over the stages of a staged set).')
+  flags.DEFINE_integer('loss_iterations', 20, 'SGD iterations per epoch (paper: 20).')
+  flags.DEFINE_integer('loss_models', 1, 'Networks per set; their losses are averaged.')
+  flags.DEFINE_integer('max_instances', 2000, 'Real training instances tracked (a '
+                       'seeded random subsample when the training set is larger).')
+  flags.DEFINE_integer('coupling_inits', 4, 'Initialisations θ0 per set (scatter '
+                       'points).')
+  flags.DEFINE_integer('coupling_models', 2, 'Networks trained on S+ and on S- per θ0.')
+  flags.DEFINE_integer('coupling_epochs', 100, 'Epochs per S+/S- network (the '
+                       'evaluation protocol otherwise; 0 = eval.epochs).')
+  flags.DEFINE_integer('r_max_dims', 1024, 'Images with at most this many input '
+                       'dimensions get the exact R norm; larger ones the estimator.')
+  flags.DEFINE_integer('r_columns', 256, 'Input dimensions the R-norm estimator samples.')
+  flags.DEFINE_integer('r_check_images', 4, 'Images on which the estimator is '
+                       'checked against the exact norm.')
+  flags.DEFINE_string('k_search', '', 'Folder of k<K>/synthetic.npz runs: score '
+                      'them on the validation split and plot accuracy against K.')
+  flags.DEFINE_integer('k_search_models', 0, 'Networks per K (0 = eval.num_models).')
+  flags.DEFINE_integer('k_search_epochs', 0, 'Epochs per network (0 = eval.epochs).')
+  flags.DEFINE_integer('seed', 0, 'PRNG seed of every analysis.')
 
 
 # ------------------------------------------------------------------ the sets
@@ -595,4 +600,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main, flags_parser=_parse_flags)
