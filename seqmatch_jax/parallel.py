@@ -252,21 +252,6 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def gather_models(local: np.ndarray, num: int) -> np.ndarray:
-  """Reassembles per-model results computed with `process_share(num)`:
-  `local` [len(share), ...] on each process -> [num, ...] on every process."""
-  if not is_multiprocess():
-    return np.asarray(local)
-  count = jax.process_count()
-  per = -(-num // count)
-  local = np.asarray(local)
-  pad = per - local.shape[0]
-  if pad:
-    local = np.concatenate([local, np.zeros((pad,) + local.shape[1:], local.dtype)])
-  gathered = np.asarray(multihost_utils.process_allgather(local))  # [P, per, ...]
-  return np.stack([gathered[i % count, i // count] for i in range(num)])
-
-
 def resolve_model_parallel(mode: str) -> str:
   """'auto' -> one model after another on CPU (vmap over models loses there,
   PERF_NOTES.md section 3), vmapped (and sharded over devices) elsewhere."""
