@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 import re
 import sys
@@ -46,6 +45,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from seqmatch_jax import analysis
+from seqmatch_jax import files
 from seqmatch_jax import visualize
 from seqmatch_jax.configuration import validate as validate_config
 from seqmatch_jax.errors import DataError
@@ -151,11 +151,6 @@ def load_set(name: str, path: str, data: PreparedData,
 
 def _slug(name: str) -> str:
   return re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_') or 'set'
-
-
-def _write_json(path: str, obj: Any) -> None:
-  with open(path, 'w') as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
 
 
 def _pyplot():
@@ -467,7 +462,8 @@ def k_search(config, root: str, key: jax.Array, *, models: int, epochs: int,
   os.makedirs(out_dir, exist_ok=True)
   fig.savefig(os.path.join(out_dir, 'k_search.png'), dpi=110)
   plt.close(fig)
-  _write_json(os.path.join(out_dir, 'k_search.json'), out)
+  files.write_json(os.path.join(out_dir, 'k_search.json'), out,
+                    indent=1, sort_keys=True)
   return out
 
 
@@ -502,7 +498,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   report: dict[str, Any] = dict(sets={s.name: s.path for s in loaded}, files=[])
   if 'grids' in analyses:
     report['grids'] = write_grids(loaded, data.num_classes, out_dir)
-    _write_json(os.path.join(out_dir, 'grids.json'), report['grids'])
+    files.write_json(os.path.join(out_dir, 'grids.json'), report['grids'],
+                    indent=1, sort_keys=True)
     report['files'] += ['grids.png', 'grids.json']
   if 'loss' in analyses:
     t0 = time.time()
@@ -511,7 +508,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                         models=loss_models, max_instances=max_instances, seed=seed)
     res['summary']['wall_time_s'] = time.time() - t0
     plot_losses(res, out_dir)
-    _write_json(os.path.join(out_dir, 'loss_curves.json'), res['summary'])
+    files.write_json(os.path.join(out_dir, 'loss_curves.json'), res['summary'],
+                    indent=1, sort_keys=True)
     report['loss'] = res['summary']
     report['files'] += ['loss_curves.png', 'loss_heatmap.png', 'loss_curves.json']
     split = res['summary']['joint_split']
@@ -525,7 +523,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                             r_columns=r_columns, r_check_images=r_check_images)
     res['wall_time_s'] = time.time() - t0
     plot_coupling(res, out_dir)
-    _write_json(os.path.join(out_dir, 'coupling.json'), res)
+    files.write_json(os.path.join(out_dir, 'coupling.json'), res,
+                    indent=1, sort_keys=True)
     report['coupling'] = res
     report['files'] += ['coupling.png', 'coupling.json']
   logging.info('wrote %s to %s', ', '.join(report['files']), out_dir)
