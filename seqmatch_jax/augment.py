@@ -51,6 +51,15 @@ class DSAParams:
   contrast: float = 0.5
   prob_flip: float = 0.5
   align_corners: bool = True
+  # 'dsa': one family of the strategy per call (DC/MTT `DiffAugment`).
+  # 'idc': flip, color and cutout always (when listed), in that order around
+  # one family drawn from the rest (IDC's `DiffAug`, BACKBONES.md section 0).
+  style: str = 'dsa'
+
+
+STYLES = ('dsa', 'idc')
+# IDC's `DiffAug` applies these whenever the strategy lists them.
+IDC_ALWAYS = ('flip', 'color', 'cutout')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +87,8 @@ class AugmentParams:
     noise_std: [] standard deviation of that noise.
     families: static tuple of family names compiled into the switch.
     align_corners: static; torch grid_sample semantics of the affine families.
+    always: static; families applied on every call around the drawn one
+      (IDC style: flip, color, [drawn], cutout); () for DSA style.
   """
   family: jax.Array
   brightness: jax.Array
@@ -93,6 +104,7 @@ class AugmentParams:
   noise_std: jax.Array
   families: tuple[str, ...] = ()
   align_corners: bool = True
+  always: tuple[str, ...] = ()
 
   def replace(self, **changes) -> 'AugmentParams':
     """Returns a copy with some fields changed (handy for handcrafted draws)."""
@@ -101,11 +113,11 @@ class AugmentParams:
 
 _DATA_FIELDS = tuple(
     f.name for f in dataclasses.fields(AugmentParams)
-    if f.name not in ('families', 'align_corners'))
+    if f.name not in ('families', 'align_corners', 'always'))
 jax.tree_util.register_dataclass(
     AugmentParams,
     data_fields=list(_DATA_FIELDS),
-    meta_fields=['families', 'align_corners'])
+    meta_fields=['families', 'align_corners', 'always'])
 
 
 def _parse_strategy(strategy: str) -> tuple[str, ...]:
@@ -151,6 +163,13 @@ def sample_params(
   keeps the pytree structure fixed and costs a few scalars per sample.
   """
   tokens = _parse_strategy(strategy)
+  if dsa.style not in STYLES:
+    raise InvalidStrategyError(f'augmentation style must be one of {STYLES}, '
+                               f'got {dsa.style!r}.')
+  always = ()
+  if dsa.style == 'idc':
+    always = tuple(f for f in IDC_ALWAYS if f in tokens)
+    tokens = tuple(t for t in tokens if t not in IDC_ALWAYS)
   h, w = _spatial_size(image_shape)
   b = int(batch_size)
   if b <= 0:
@@ -202,6 +221,7 @@ def sample_params(
       noise_std=jnp.asarray(dsa.ratio_noise, jnp.float32),
       families=families,
       align_corners=bool(dsa.align_corners),
+      always=always,
   )
 
 
@@ -337,7 +357,8 @@ _APPLY_FNS = {
 def apply_params(x: jax.Array, params: AugmentParams) -> jax.Array:
   """Applies one DSA draw to x [B, H, W, C]; affine (mostly linear) in x.
 
-  Only the families of the sampled strategy are compiled; lax.switch runs the
+  IDC style first applies flip and color, then the drawn family, then cutout
+  (each only if the strategy lists it). Only the families of the sampled strategy are compiled; lax.switch runs the
   chosen one (under vmap over draws it becomes a select over those branches).
   """
   if x.ndim != 4:
@@ -345,6 +366,16 @@ def apply_params(x: jax.Array, params: AugmentParams) -> jax.Array:
   if params.flip.shape[0] != x.shape[0]:
     raise ValueError(
         f'Parameters drawn for batch {params.flip.shape[0]}, got {x.shape[0]}.')
+  for name in ('flip', 'color'):
+    if name in params.always:
+      x = _APPLY_FNS[name](x, params)
+  x = _apply_drawn(x, params)
+  if 'cutout' in params.always:
+    x = _cutout(x, params)
+  return x
+
+
+def _apply_drawn(x: jax.Array, params: AugmentParams) -> jax.Array:
   families = params.families
   if not families:
     return x
@@ -426,3 +457,41 @@ def augment_shared(
                      f'shapes {[tuple(x.shape) for x in xs]}.')
   one = sample_params(key, strategy, 1, xs[0].shape[1:], dsa)
   return tuple(apply_params(x, broadcast_params(one, x.shape[0])) for x in xs)
+
+
+def cutmix(key: jax.Array, x: jax.Array, prob: float = 0.5, beta: float = 1.0,
+           valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """CutMix (Yun et al., ICCV 2019) as IDC trains with it: with probability
+  `prob` per batch, one box (area fraction ~ 1 - lam, lam ~ Beta(beta, beta),
+  centre uniform, clipped at the borders) of every image is replaced by the
+  same box of a partner image drawn by a random permutation of the batch.
+
+  Returns (images, partner index [B], ratio): the loss is
+  ratio * CE(y) + (1 - ratio) * CE(y[partner]), ratio = 1 - the clipped box's
+  area fraction (1 when the batch is left alone). `valid` [B] marks padded
+  entries of a short last batch: partners are drawn among valid entries only.
+  """
+  b, h, w, _ = x.shape
+  k_apply, k_lam, k_perm, k_cy, k_cx = jax.random.split(key, 5)
+  valid = jnp.ones((b,), jnp.float32) if valid is None else valid
+  apply = jax.random.uniform(k_apply) < prob
+  lam = jax.random.beta(k_lam, beta, beta)
+  cut = jnp.sqrt(1.0 - lam)
+  cut_h = jnp.floor(h * cut).astype(jnp.int32)
+  cut_w = jnp.floor(w * cut).astype(jnp.int32)
+  cy = jax.random.randint(k_cy, (), 0, h)
+  cx = jax.random.randint(k_cx, (), 0, w)
+  y1, y2 = jnp.clip(cy - cut_h // 2, 0, h), jnp.clip(cy + cut_h // 2, 0, h)
+  x1, x2 = jnp.clip(cx - cut_w // 2, 0, w), jnp.clip(cx + cut_w // 2, 0, w)
+  # A random permutation of the valid entries, placed at the valid positions.
+  u = jax.random.uniform(k_perm, (b,)) + 2.0 * (1.0 - valid)
+  order = jnp.argsort(u)
+  rank = jnp.clip(jnp.cumsum(valid).astype(jnp.int32) - 1, 0, b - 1)
+  partner = jnp.where(valid > 0, order[rank], jnp.arange(b))
+  rows = jnp.arange(h)[:, None]
+  cols = jnp.arange(w)[None, :]
+  box = (rows >= y1) & (rows < y2) & (cols >= x1) & (cols < x2) & apply
+  mixed = jnp.where(box[None, :, :, None], x[partner], x)
+  area = ((y2 - y1) * (x2 - x1)).astype(jnp.float32) / (h * w)
+  ratio = jnp.where(apply, 1.0 - area, 1.0)
+  return mixed, partner, ratio

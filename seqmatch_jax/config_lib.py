@@ -59,8 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.experts.alpha = 0.3
 
   c.backbone = ml_collections.ConfigDict()
-  c.backbone.name = 'mtt'  # mtt | ftd | dm | dc | dsa (backbones.REGISTRY)
-  # One sub-dict per backbone (c.mtt, c.ftd, c.dm, c.dc; DSA reads c.dc), each with
+  c.backbone.name = 'mtt'  # mtt | ftd | dm | dc | dsa | idc (backbones.REGISTRY)
+  # One sub-dict per backbone (c.mtt, c.ftd, c.dm, c.dc, c.idc; DSA reads c.dc), each with
   # its scalars and a `per_subset` dict of SeqMatch's per-subset tuples.
   for key, defaults in backbones.default_configs().items():
     c[key] = defaults
@@ -178,26 +178,46 @@ def apply_settings(c: ml_collections.ConfigDict, settings: dict) -> None:
 
 
 def table_config(dataset: str, arg: str | None, tables: dict[int, dict],
-                 base: dict | None = None) -> ml_collections.ConfigDict:
+                 base: dict | None = None,
+                 backbone_tables: dict[str, dict[int, dict]] | None = None
+                 ) -> ml_collections.ConfigDict:
   """A dataset config: `base` settings, then the row of `tables` for `ipc`.
 
   Variant arguments: `ipc=N` picks the row (an ipc without a row uses the
-  nearest smaller one); `k=N` overrides the number of subsets (1 = the plain
-  backbone, which also drops the per-subset lists).
+  nearest smaller one); `backbone=NAME` selects that backbone and applies its
+  own row from `backbone_tables[NAME]` (e.g. IDC's settings, which differ from
+  the MTT row's data preprocessing and subset count); `k=N` overrides the
+  number of subsets (1 = the plain backbone, which also drops the per-subset
+  lists), and a backbone row's `variants[N]` settings come with it (e.g.
+  the official SeqMatch-IDC script's K=2 split at CIFAR-10 ipc 50).
   """
-  args = parse_arg(arg, ipc=10, k=0)
+  args = parse_arg(arg, ipc=10, k=0, backbone='')
   c = base_config()
   c.dataset.name = dataset
   apply_settings(c, base or {})
-  rows = sorted(tables)
-  row = max([r for r in rows if r <= args.ipc] or rows[:1])
-  apply_settings(c, tables[row])
+  apply_settings(c, _row(tables, args.ipc))
+  variants = {}
+  if args.backbone:
+    backbones.backbone_class(args.backbone)  # a clear error for an unknown one
+    c.backbone.name = args.backbone
+    rows = (backbone_tables or {}).get(args.backbone)
+    if rows:
+      row = dict(_row(rows, args.ipc))
+      variants = row.pop('variants', {})
+      apply_settings(c, row)
   c.ipc = args.ipc
   if args.k == 1:
     clear_subsets(c)
   elif args.k:
     c.seqmatch.num_subsets = args.k
+  if args.k in variants:
+    apply_settings(c, variants[args.k])
   return c
+
+
+def _row(tables: dict[int, dict], ipc: int) -> dict:
+  rows = sorted(tables)
+  return tables[max([r for r in rows if r <= ipc] or rows[:1])]
 
 
 def clear_subsets(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

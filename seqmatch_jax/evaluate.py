@@ -29,26 +29,35 @@ from seqmatch_jax.models import Network, create_network
 
 @dataclasses.dataclass(frozen=True)
 class Protocol:
+  """How an evaluation network is trained. The defaults are MTT's (lr x0.1
+  at the half, DSA); IDC's (backbones/idc.py) sets `schedule='multistep'`,
+  IDC-style per-sample augmentation and CutMix."""
   epochs: int
   batch_size: int = 256
   momentum: float = 0.9
   weight_decay: float = 5e-4
   augment: str = 'color_crop_cutout_flip_scale_rotate'
   parallel: str = 'auto'
+  schedule: str = 'half'  # 'half': x0.1 at E/2 | 'multistep': x0.2 at 2E/3, 5E/6
+  augment_style: str = 'dsa'  # 'dsa' | 'idc' (augment.DSAParams.style)
+  align_corners: bool = True
+  cutmix: float = 0.0  # CutMix probability per batch
 
   def sgd(self) -> training.SGDSpec:
     return training.SGDSpec(batch_size=self.batch_size, momentum=self.momentum,
                             weight_decay=self.weight_decay, augment=self.augment,
-                            decay_at_half=True)
+                            decay_at_half=self.schedule == 'half',
+                            multistep=self.schedule == 'multistep',
+                            align_corners=self.align_corners,
+                            augment_style=self.augment_style, cutmix=self.cutmix)
 
 
 def protocol_from_config(config: ml_collections.ConfigDict,
                          epochs: int | None = None) -> Protocol:
-  return Protocol(epochs=epochs or config.eval.epochs,
-                  batch_size=config.eval.batch_size,
-                  momentum=config.eval.momentum,
-                  weight_decay=config.eval.weight_decay,
-                  augment=config.augment.strategy, parallel=config.eval.parallel)
+  """The evaluation protocol of the config's backbone (`eval_protocol`)."""
+  from seqmatch_jax.backbones import base  # pylint: disable=g-import-not-at-top
+  cls = base.backbone_class(config.backbone.name)
+  return cls.eval_protocol(config, epochs or config.eval.epochs)
 
 
 def stage_sets(images, labels, subset) -> list[tuple[jax.Array, jax.Array]]:
@@ -78,6 +87,14 @@ def train_stages(network: Network, protocol: Protocol, key: jax.Array,
     if x_eval is not None:
       accs.append(training.predict_accuracy(network, params, state, x_eval, y_eval))
   return params, state, accs
+
+
+@functools.lru_cache(maxsize=8)
+def staged_trainer(network: Network, protocol: Protocol):
+  """Jitted (key, lrs, stages) -> (params, state) of a fresh network trained
+  in stages (SeqMatch's starting networks for subset k >= 2)."""
+  return jax.jit(lambda key, lrs, stages: train_stages(
+      network, protocol, key, lrs, stages)[:2])
 
 
 @functools.lru_cache(maxsize=32)

@@ -263,11 +263,9 @@ def train_real_experts(config, workdir, data, network, key, stop, writer):
 
 
 def _context(config, workdir, data, network, key, stop, writer, mesh, tag=''):
-  def on_eval(k, images_model, it):
+  def on_eval(k, images_model, labels, it):
     if not parallel.is_main_process():
       return
-    sizes = [p.ipc for p in seqmatch.subset_plans(config)][:k + 1]
-    labels, _ = seqmatch.subset_layout(sizes, data.num_classes)
     path = os.path.join(workdir, tag, 'images', f'subset{k + 1}_it{it:06d}.png')
     try:  # a progress picture is not worth stopping (or desynchronising) a run
       os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -282,7 +280,7 @@ def _context(config, workdir, data, network, key, stop, writer, mesh, tag=''):
       experts_dir=experts_dir(config, workdir),
       expert_metadata=expert_metadata(config, data), key=jax.random.fold_in(key, 1),
       mesh=mesh, should_stop=stop, writer=writer, on_eval=on_eval,
-      progress=parallel.is_main_process())
+      progress=parallel.is_main_process(), preprocessor=data.preprocessor)
 
 
 def plain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -200,8 +200,10 @@ class Context:
   mesh: Any = None
   should_stop: Callable[[], bool] = lambda: False
   writer: Any = None
-  on_eval: Callable | None = None  # (subset index, images so far, it) -> None
+  # (subset index, model-space images so far, their labels, it) -> None
+  on_eval: Callable | None = None
   progress: bool = True
+  preprocessor: Any = None  # pixels <-> model space (backbones storing pixels)
 
 
 def distill_all(ctx: Context, tag: str = '') -> synthetic.SyntheticSet:
@@ -212,8 +214,7 @@ def distill_all(ctx: Context, tag: str = '') -> synthetic.SyntheticSet:
   plans = subset_plans(config)
   sizes = [p.ipc for p in plans]
   labels, subset = subset_layout(sizes, ctx.num_classes)
-  init = initial_images(jax.random.fold_in(ctx.key, 1), ctx.x_train, ctx.y_train,
-                        sizes, ctx.num_classes, config.distill.pix_init)
+  init = backbone.initial_images(jax.random.fold_in(ctx.key, 1), ctx, sizes)
   root = os.path.join(ctx.workdir, tag) if tag else ctx.workdir
   done = backbones.Done(init[:0], labels[:0], subset[:0], [])
   emas = []  # each subset's own image EMA (backbones that keep one: FTD)
@@ -237,9 +238,16 @@ def distill_all(ctx: Context, tag: str = '') -> synthetic.SyntheticSet:
                           labels[subset <= k], subset[subset <= k], done.lrs + [lr])
   ema = (np.concatenate(emas) if emas and all(e is not None for e in emas)
          else None)
-  return synthetic.SyntheticSet(done.images, labels, subset,
+  # What evaluation trains on (IDC: the decoded set; others: as stored).
+  images, labels_d, subset_d = backbone.decode(done.images, labels, subset,
+                                               ctx.preprocessor)
+  if ema is not None:
+    ema = backbone.decode(ema, labels, subset, ctx.preprocessor)[0]
+  stored = None if labels_d is labels else done.images
+  return synthetic.SyntheticSet(images, labels_d, subset_d,
                                 np.asarray(done.lrs, np.float32), backbone.name,
-                                ema)
+                                ema, stored=stored, stored_labels=labels,
+                                stored_subset=subset)
 
 
 def _finished_subset(path: str, init, labels, record) -> tuple[np.ndarray, float]:
@@ -264,12 +272,15 @@ def _distill_one(ctx: Context, backbone, plan, source, done: backbones.Done,
   k = plan.index
   evaluate_fn = None
   if ctx.x_val is not None and len(ctx.x_val) and config.distill.eval_every:
-    evaluate_fn = _val_evaluator(ctx, labels[subset <= k], subset[subset <= k],
-                                 done.lrs)
+    evaluate_fn = _val_evaluator(ctx, backbone, labels[subset <= k],
+                                 subset[subset <= k], done.lrs)
   on_eval = None
   if ctx.on_eval is not None:
-    on_eval = lambda st, it: ctx.on_eval(
-        k, np.concatenate([done.images, parallel.fetch(st.images)]), it)
+    def on_eval(st, it):
+      images = np.concatenate([done.images, parallel.fetch(st.images)])
+      images, labs, _ = backbone.decode(images, labels[subset <= k],
+                                        subset[subset <= k], ctx.preprocessor)
+      ctx.on_eval(k, images, labs, it)
   options = distill_lib.LoopOptions(
       ckpt_dir=os.path.join(root, 'distill', f'subset_{k + 1}'), seed=config.seed,
       checkpoint_every=config.distill.checkpoint_every,
@@ -290,16 +301,17 @@ def _distill_one(ctx: Context, backbone, plan, source, done: backbones.Done,
   return images, lr, None if ema is None else parallel.fetch(ema)
 
 
-def _val_evaluator(ctx: Context, labels, subset, prev_lrs):
+def _val_evaluator(ctx: Context, backbone, labels, subset, prev_lrs):
   """Staged validation accuracy of the set so far (selects the best iterate)."""
   config = ctx.config
 
   def evaluate_fn(images, lr, it):
     lrs = np.asarray(list(prev_lrs) + [float(lr)], np.float32)
+    images, labs, subs = backbone.decode(images, labels, subset, ctx.preprocessor)
     r = evaluate_lib.evaluate_synthetic(
-        images, labels, lrs, config, jax.random.fold_in(ctx.key, 300 + it),
+        images, labs, lrs, config, jax.random.fold_in(ctx.key, 300 + it),
         x_eval=ctx.x_val, y_eval=ctx.y_val, num_classes=ctx.num_classes,
-        subset=subset, num_models=config.distill.eval_models,
+        subset=subs, num_models=config.distill.eval_models,
         epochs=config.distill.eval_epochs, mesh=ctx.mesh,
         should_stop=ctx.should_stop)  # a stop abandons it (distill_subset saves)
     return r['mean'] / 100.0

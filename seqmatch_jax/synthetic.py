@@ -6,8 +6,11 @@ id per image), `lr` (the evaluation step size of each subset: MTT's learned
 `syn_lr`, the protocol's lr for the other backbones), `backbone`, the run's
 `config` and a `preprocessing` tag saying what model space meant. Backbones
 that keep an EMA of the images (FTD) add `images_ema` / `images_ema_model`
-beside the raw ones (same layout, labels and lrs). Users' own npz files need
-only `images` and `labels`.
+beside the raw ones (same layout, labels and lrs). Backbones whose stored
+images decode into the training set (IDC's multi-formation tiles) save the
+decoded set as `images` and what was learned as `stored_images` (pixels in
+[0,1]) with `stored_labels` / `stored_subset`. Users' own npz files need only
+`images` and `labels`.
 
 `subsets/subset_k.npz` is a finished subset of a run in progress:
 `images_model`, `lr`, `labels` (and `ema_model`).
@@ -36,6 +39,11 @@ class SyntheticSet:
   lrs: np.ndarray | None = None  # one per subset; None: the protocol's lr
   backbone: str = ''
   ema: np.ndarray | None = None  # model space, like `images` (FTD's EMA)
+  # What the backbone learned, when `images` are decoded from it (IDC: [0,1]
+  # pixel tiles), with its own labels and subset ids; None otherwise.
+  stored: np.ndarray | None = None
+  stored_labels: np.ndarray | None = None
+  stored_subset: np.ndarray | None = None
 
   @property
   def num_subsets(self) -> int:
@@ -71,6 +79,10 @@ def save(path: str, syn: SyntheticSet, preprocessor, config) -> None:
     ema = dict(images_ema=np.clip(np.asarray(preprocessor.to_pixels(syn.ema)),
                                   0.0, 1.0).astype(np.float32),
                images_ema_model=np.asarray(syn.ema, np.float32))
+  if syn.stored is not None:
+    ema.update(stored_images=np.asarray(syn.stored, np.float32),
+               stored_labels=np.asarray(syn.stored_labels, np.int32),
+               stored_subset=np.asarray(syn.stored_subset, np.int32))
   files.write_npz(
       path, **ema, images=pixels.astype(np.float32),
       images_model=np.asarray(syn.images, np.float32), labels=syn.labels,

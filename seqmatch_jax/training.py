@@ -10,7 +10,6 @@ GPUs) or one after another (faster on CPU, PERF_NOTES.md section 3).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -33,8 +32,16 @@ class SGDSpec:
   augment: str = ''  # DSA strategy; '' = none
   decay_at_half: bool = False  # lr x0.1 (and momentum reset) at epochs // 2
   align_corners: bool = True  # DSA's affine sampling (MTT: True, DC/DM: False)
+  augment_style: str = 'dsa'  # 'dsa' | 'idc' (augment.DSAParams.style)
+  # lr x0.2 at epochs 2E//3 and 5E//6, momentum kept (IDC's MultiStepLR).
+  multistep: bool = False
+  cutmix: float = 0.0  # probability per batch of CutMix (IDC: 0.5); 0 = off
   # (rho, alpha): GSAM (FTD's flat experts) instead of plain SGD; None = SGD.
   gsam: tuple[float, float] | None = None
+
+  def dsa(self) -> augment_lib.DSAParams:
+    return augment_lib.DSAParams(align_corners=self.align_corners,
+                                 style=self.augment_style)
 
   def transform(self) -> optax.GradientTransformation:
     """Weight decay then momentum; the lr is applied by the caller (traced)."""
@@ -82,6 +89,42 @@ def masked_loss(network: Network, params: Params, state: State, x: jax.Array,
   return loss, new_state
 
 
+_CUTMIX_SALT = 0x43555458  # CutMix's key from the step's augmentation key
+
+
+def mixed_loss(network: Network, params: Params, state: State, x: jax.Array,
+               y: jax.Array, y_mix: jax.Array, ratio: jax.Array, mask: jax.Array,
+               train: bool = True):
+  """CutMix's loss: ratio * CE(y) + (1 - ratio) * CE(y_mix), masked mean."""
+  logits, new_state = network.apply(params, state, x, train=train)
+  ce = ratio * cross_entropy(logits, y) + (1.0 - ratio) * cross_entropy(logits, y_mix)
+  return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0), new_state
+
+
+def sgd_step(network: Network, spec: SGDSpec, params: Params, state: State,
+             opt_state: Any, x: jax.Array, y: jax.Array, mask: jax.Array,
+             key: jax.Array, lr: jax.Array):
+  """One minibatch step of `spec`: augmentation, CutMix, (GSAM), SGD.
+  Returns (params, state, opt_state, loss at w)."""
+  if spec.augment:
+    x = augment_lib.augment(key, x, spec.augment, spec.dsa())
+  if spec.cutmix:
+    x, partner, ratio = augment_lib.cutmix(jax.random.fold_in(key, _CUTMIX_SALT),
+                                           x, spec.cutmix, valid=mask)
+    loss_fn = lambda p: mixed_loss(network, p, state, x, y, y[partner], ratio, mask)
+  else:
+    loss_fn = lambda p: masked_loss(network, p, state, x, y, mask)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss, new_state), grads = grad_fn(params)
+  if spec.gsam is not None:
+    # The second pass reads the first pass's input state and its new
+    # state is dropped (GSAM freezes BatchNorm statistics there).
+    grads = gsam_direction(lambda p: grad_fn(p)[1], params, grads, *spec.gsam)
+  updates, opt_state = spec.transform().update(grads, opt_state, params)
+  params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
+  return params, new_state, opt_state, loss
+
+
 def _vdot(a: Params, b: Params) -> jax.Array:
   return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
@@ -113,34 +156,29 @@ def run_epoch(network: Network, spec: SGDSpec, params: Params, state: State,
               key: jax.Array, lr: jax.Array) -> tuple[Params, State, Any, jax.Array]:
   """One pass over (images, labels); returns the new weights and the mean loss
   (at w, before any GSAM ascent)."""
-  tx = spec.transform()
   perm_key, aug_key = jax.random.split(key)
   idx, mask = batch_schedule(perm_key, images.shape[0], spec.batch_size)
   aug_keys = jax.random.split(aug_key, idx.shape[0])
-  grad_fn = jax.value_and_grad(functools.partial(masked_loss, network), has_aux=True)
 
   def step(carry, inputs):
-    params, state, opt_state = carry
     i, m, k = inputs
-    x = images[i]
-    if spec.augment:
-      x = augment_lib.augment(k, x, spec.augment,
-                              augment_lib.DSAParams(align_corners=spec.align_corners))
-    (loss, new_state), grads = grad_fn(params, state, x, labels[i], m)
-    if spec.gsam is not None:
-      # The second pass reads the first pass's input state and its new
-      # state is dropped (GSAM freezes BatchNorm statistics there).
-      grads = gsam_direction(
-          lambda p: grad_fn(p, state, x, labels[i], m)[1], params, grads,
-          *spec.gsam)
-    state = new_state
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
+    params, state, opt_state, loss = sgd_step(network, spec, *carry, images[i],
+                                              labels[i], m, k, lr)
     return (params, state, opt_state), loss
 
   (params, state, opt_state), losses = jax.lax.scan(
       step, (params, state, opt_state), (idx, mask, aug_keys))
   return params, state, opt_state, jnp.mean(losses)
+
+
+def epoch_lr(spec: SGDSpec, lr: jax.Array, epoch: jax.Array, epochs: int) -> jax.Array:
+  """The step size of `epoch` (0-based) under `spec`'s schedule."""
+  if spec.decay_at_half:
+    return jnp.where(epoch >= epochs // 2, lr * 0.1, lr)
+  if spec.multistep:
+    return lr * jnp.where(epoch >= 2 * epochs // 3, 0.2, 1.0) * jnp.where(
+        epoch >= 5 * epochs // 6, 0.2, 1.0)
+  return lr
 
 
 def train_schedule(network: Network, spec: SGDSpec, params: Params, state: State,
@@ -150,18 +188,17 @@ def train_schedule(network: Network, spec: SGDSpec, params: Params, state: State
 
   With `spec.decay_at_half` the lr drops x0.1 from epoch `epochs // 2` on and the
   momentum buffer restarts there, as the reference builds a new optimizer then.
+  With `spec.multistep` it drops x0.2 at epochs 2E//3 and 5E//6 (momentum
+  kept), as IDC's MultiStepLR.
   """
   tx = spec.transform()
-  half = epochs // 2
 
   def epoch(carry, e):
     params, state, opt_state = carry
     if spec.decay_at_half:
-      opt_state = jax.tree.map(lambda t: jnp.where(e == half, jnp.zeros_like(t), t),
-                               opt_state)
-      lr_e = jnp.where(e >= half, lr * 0.1, lr)
-    else:
-      lr_e = lr
+      opt_state = jax.tree.map(
+          lambda t: jnp.where(e == epochs // 2, jnp.zeros_like(t), t), opt_state)
+    lr_e = epoch_lr(spec, lr, e, epochs)
     params, state, opt_state, loss = run_epoch(
         network, spec, params, state, opt_state, images, labels,
         jax.random.fold_in(key, e), lr_e)

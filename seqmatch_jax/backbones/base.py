@@ -47,6 +47,7 @@ REGISTRY = {
     'dm': 'seqmatch_jax.backbones.dm:DM',
     'dc': 'seqmatch_jax.backbones.dc:DC',
     'dsa': 'seqmatch_jax.backbones.dc:DSA',
+    'idc': 'seqmatch_jax.backbones.idc:IDC',
 }
 
 
@@ -86,7 +87,8 @@ def plan_from_settings(node: ml_collections.ConfigDict, *, index: int = 0,
 @dataclasses.dataclass
 class Done:
   """The subsets distilled so far (frozen while the next one learns)."""
-  images: Any  # model space, subset-major, class-blocked per subset
+  images: Any  # stored form (model space; IDC: [0,1] pixels), subset-major,
+  # class-blocked per subset
   labels: Any
   subset: Any
   lrs: list[float]
@@ -162,6 +164,30 @@ class Backbone:
     """Called when validation picks `state` as the best so far: keeps in
     `aux` what must travel with the best images (FTD: their EMA)."""
     return state
+
+  @classmethod
+  def eval_protocol(cls, config: ml_collections.ConfigDict, epochs: int):
+    """How sets of this backbone are evaluated (and, for SeqMatch, how
+    networks learn the earlier subsets): MTT's protocol from `eval.*`."""
+    from seqmatch_jax import evaluate  # pylint: disable=g-import-not-at-top
+    return evaluate.Protocol(epochs=epochs, batch_size=config.eval.batch_size,
+                             momentum=config.eval.momentum,
+                             weight_decay=config.eval.weight_decay,
+                             augment=config.augment.strategy,
+                             parallel=config.eval.parallel)
+
+  def initial_images(self, key: jax.Array, ctx, sizes: list[int]) -> np.ndarray:
+    """The whole trainable set at iteration 0 (Algorithm 1 line 1), in the
+    backbone's stored form, laid out as `seqmatch.subset_layout`."""
+    from seqmatch_jax import seqmatch  # pylint: disable=g-import-not-at-top
+    return seqmatch.initial_images(key, ctx.x_train, ctx.y_train, sizes,
+                                   ctx.num_classes, self.config.distill.pix_init)
+
+  def decode(self, images, labels, subset, preprocessor=None):
+    """(model-space training images, labels, subset ids) of a stored set:
+    what evaluation trains on. The identity for every backbone that stores
+    model-space images (IDC stores [0,1] tiles that decode to several)."""
+    return images, labels, subset
 
   def eval_lr(self, extras: dict) -> float:
     """The step size evaluation trains this subset's stage with."""

@@ -10,7 +10,6 @@ which start from networks already trained in stages on S_1..S_{k-1}
 
 from __future__ import annotations
 
-import functools
 import os
 
 from absl import logging
@@ -202,20 +201,13 @@ def load_windows(store: experts_lib.TrajectoryStore,
   return parallel.shard_from_loader(len(picks), mesh, load)
 
 
-@functools.lru_cache(maxsize=8)
-def _staged_trainer(network: Network, protocol: evaluate_lib.Protocol):
-  """Jitted (key, lrs, stages) -> (params, state) after training in stages."""
-  return jax.jit(lambda key, lrs, stages: evaluate_lib.train_stages(
-      network, protocol, key, lrs, stages)[:2])
-
-
 def staged_init_fn(network: Network, protocol: evaluate_lib.Protocol,
                    stages: list[tuple[jax.Array, jax.Array]],
                    lrs: list[float]) -> experts_lib.InitFn:
   """Starting weights of subset k's experts: a fresh network trained on S_1,
   then S_1 ∪ S_2, ... S_1..S_{k-1} with the evaluation protocol and each
   stage's learned lr (the staged evaluation, carried into the experts)."""
-  trainer = _staged_trainer(network, protocol)
+  trainer = evaluate_lib.staged_trainer(network, protocol)
   lrs = jnp.asarray(lrs, jnp.float32)
   return lambda i, key: trainer(key, lrs, tuple(stages))
 

@@ -1,0 +1,103 @@
+"""Seconds per IDC outer iteration (the whole inner loop: inner_loop x
+{one image step per class, network update on n_data real images}) as one
+jitted step, ConvNet-3 width 128 at 32x32x3, 10 classes, IDC's reproduce
+settings (real batch 64, at most 128 decoded images per class, n_data 2000).
+
+  python -m benchmarks.idc_step                  # ipc 10 and 50, inner_loop 5
+  python -m benchmarks.idc_step --inner_loop=100 # one full official iteration
+
+The step is a scan over matches, so its time is linear in inner_loop: rows
+measured with a short inner loop also report the time extrapolated to the
+official 100 (`s_per_outer_100`). Each row runs in its own process (its own
+peak RSS). The official code runs the same work as a Python loop of
+inner_loop x classes optimizer steps plus 32 network steps per match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+
+def measure(args: dict) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from seqmatch_jax import backbones, config_lib, distill, seqmatch
+  from seqmatch_jax.data.preprocess import Preprocessor
+  from seqmatch_jax.models import create_network
+  from benchmarks import common
+
+  shape, ipc, inner = tuple(args['shape']), args['ipc'], args['inner_loop']
+  config = config_lib.base_config()
+  config_lib.apply_settings(config, {
+      'backbone.name': 'idc', 'ipc': ipc, 'idc.inner_loop': inner,
+      'dataset.name': 'cifar10'})
+  net = create_network('convnet', 10, shape, width=128, depth=3)
+  rng = np.random.default_rng(0)
+  per_class = args.get('real_per_class', 500)
+  x = rng.normal(size=(10 * per_class,) + shape).astype(np.float32)
+  y = np.repeat(np.arange(10), per_class).astype(np.int32)
+  ctx = seqmatch.Context(
+      config=config, workdir='', network=net, x_train=jax.numpy.asarray(x),
+      y_train=jax.numpy.asarray(y), x_test=None, y_test=None, x_val=None, y_val=None,
+      num_classes=10, experts_dir='', expert_metadata={}, key=jax.random.key(0),
+      preprocessor=Preprocessor(mean=np.full(shape[-1], 0.5, np.float32),
+                                std=np.full(shape[-1], 0.25, np.float32)))
+  backbone = backbones.create(config, net)
+  plan = seqmatch.subset_plans(config)[0]
+  images = jax.numpy.asarray(backbone.initial_images(jax.random.key(1), ctx, [ipc]))
+  labels = jax.numpy.asarray(seqmatch.subset_layout([ipc], 10)[0])
+  done = backbones.base.Done(images[:0], labels[:0], labels[:0], [])
+  source = backbone.prepare(ctx, plan, done)
+  step = distill.make_distill_step(backbone, plan, trajectories=1)
+  state = distill.init_state(backbone, plan, images, jax.random.key(2))
+  call = (state, images[:0], labels, source.sample(0, 1), source.data)
+  t0 = time.time()
+  compiled = step.lower(*call).compile()
+  compile_s = time.time() - t0
+  times = []
+  for _ in range(args.get('reps', 2)):
+    t0 = time.time()
+    state, metrics = compiled(*call)
+    jax.block_until_ready(state.images)
+    times.append(time.time() - t0)
+    call = (state,) + call[1:]
+  med = statistics.median(times)
+  return dict(shape='x'.join(map(str, shape)), ipc=ipc, inner_loop=inner,
+              s_per_outer=round(med, 2), s_per_match=round(med / inner, 3),
+              s_per_outer_100=round(med / inner * 100, 1),
+              compile_s=round(compile_s, 1), reps=len(times),
+              loss=round(float(metrics['loss']), 3),
+              peak_rss_mib=common.self_peak_rss_mib(), backend=jax.default_backend())
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--json', help='one measurement (internal)')
+  parser.add_argument('--ipcs', default='10,50')
+  parser.add_argument('--inner_loop', type=int, default=5)
+  parser.add_argument('--reps', type=int, default=2)
+  parser.add_argument('--out', default='benchmarks/results/idc_step')
+  a = parser.parse_args(argv)
+  if a.json:
+    print(json.dumps(measure(json.loads(a.json))))
+    return
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  rows = []
+  for ipc in [int(v) for v in a.ipcs.split(',')]:
+    row = common.run_isolated('benchmarks.idc_step', dict(
+        shape=[32, 32, 3], ipc=ipc, inner_loop=a.inner_loop, reps=a.reps))
+    print(row, file=sys.stderr)
+    rows.append(row)
+  cmd = 'python -m benchmarks.idc_step ' + ' '.join(argv or sys.argv[1:])
+  print(common.write_outputs(
+      rows, ['shape', 'ipc', 'inner_loop', 's_per_outer', 's_per_match',
+             's_per_outer_100', 'compile_s', 'peak_rss_mib', 'backend'],
+      a.out, 'IDC outer iteration (ConvNet-3 w128, 10 classes)', cmd.strip()))
+
+
+if __name__ == '__main__':
+  main()

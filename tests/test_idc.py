@@ -1,0 +1,354 @@
+"""IDC and SeqMatch-IDC: multi-formation decode and init, IDC's augmentation
+and CutMix, the per-class step against a direct loop, finite differences,
+frozen subsets, S_1 in every later stage, resume, the evaluation schedule."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import digits
+from seqmatch_jax import augment, backbones, config_lib, distill, evaluate
+from seqmatch_jax import seqmatch, training
+from seqmatch_jax.backbones import idc
+from seqmatch_jax.errors import ConfigError, Interrupted
+from tests import helpers
+
+
+# -- the parameterisation ---------------------------------------------------------
+
+def test_tile_constant_image_decodes_to_its_tiles_crop_major():
+  x = np.zeros((2, 8, 8, 1), np.float32)
+  for n in range(2):
+    for k, (i, j) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+      x[n, 4 * i:4 * i + 4, 4 * j:4 * j + 4] = 10 * n + k
+  out = np.asarray(idc.decode_tiles(jnp.asarray(x), 2))
+  assert out.shape == (8, 8, 8, 1)
+  # crop-major: tile (0,0) of both images, then tile (0,1) of both, ...
+  expected = [10 * n + k for k in range(4) for n in range(2)]
+  np.testing.assert_allclose(out, np.asarray(expected, np.float32)[:, None, None, None]
+                             * np.ones_like(out), atol=1e-5)
+  assert idc.decode_labels([3, 7], 2).tolist() == [3, 7] * 4
+
+
+def test_decode_is_torch_bilinear_upsampling_with_half_pixel_centres():
+  """jax.image.resize('linear') upsamples with the same half-pixel rule and
+  edge clamping as torch's nn.Upsample(mode='bilinear')."""
+  x = jax.random.uniform(jax.random.key(0), (3, 8, 8, 2))
+  out = idc.decode_tiles(x, 2)
+  tiles = [x[:, 4 * i:4 * i + 4, 4 * j:4 * j + 4] for i in range(2) for j in range(2)]
+  ref = jax.image.resize(jnp.concatenate(tiles), (12, 8, 8, 2), 'linear')
+  np.testing.assert_allclose(out, ref, atol=1e-6)
+  # A side not divisible by the factor is padded with 0.5 first (IDC).
+  odd = idc.decode_tiles(jnp.zeros((1, 5, 5, 1)), 2)
+  assert odd.shape == (4, 5, 5, 1)
+  assert float(odd[3].max()) > 0  # the last tile holds padding
+
+
+def test_mix_init_puts_real_image_k_n_plus_t_in_tile_k():
+  n, f = 3, 2
+  pixels = np.arange(n * f * f, dtype=np.float32)[:, None, None, None] * np.ones(
+      (1, 8, 8, 1), np.float32)
+  out = idc.mix_init(pixels, f)
+  for t in range(n):
+    for k, (i, j) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+      assert np.all(out[t, 4 * i:4 * i + 4, 4 * j:4 * j + 4] == k * n + t)
+  # Nearest downsampling keeps every other pixel, as F.interpolate.
+  ramp = np.arange(8, dtype=np.float32)[None, :, None, None] * np.ones((4, 8, 8, 1))
+  assert idc.mix_init(ramp, 2)[0, :4, 0, 0].tolist() == [0, 2, 4, 6]
+  assert idc.tile_sizes(128, 3) == [43, 43, 42]
+
+
+# -- IDC's augmentation and CutMix ----------------------------------------------
+
+def test_idc_style_applies_flip_color_cutout_always_around_one_drawn_family():
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+  dsa = augment.DSAParams(style='idc', align_corners=False)
+  for seed in range(4):
+    p = augment.sample_params(jax.random.key(seed), 'color_crop_cutout_flip', 4,
+                              x.shape[1:], dsa)
+    assert p.always == ('flip', 'color', 'cutout') and p.families == ('crop',)
+    expected = augment._cutout(augment._crop(augment._color(
+        augment._flip(x, p), p), p), p)
+    np.testing.assert_allclose(augment.apply_params(x, p), expected, atol=1e-6)
+  # Only the always-families listed: nothing is drawn besides them.
+  p = augment.sample_params(jax.random.key(0), 'color_cutout', 4, x.shape[1:], dsa)
+  assert p.families == () and p.always == ('color', 'cutout')
+  # DSA style still draws one family of all tokens.
+  p = augment.sample_params(jax.random.key(0), 'color_crop_cutout', 4, x.shape[1:])
+  assert p.always == () and p.families == ('color', 'crop', 'cutout')
+
+
+def test_cutmix_box_ratio_and_partners():
+  """Image i is constant i: inside the one box it shows its partner's value;
+  ratio is 1 minus the box's area; partners permute the valid entries."""
+  x = jnp.arange(6, dtype=jnp.float32)[:, None, None, None] * jnp.ones((6, 8, 8, 1))
+  valid = jnp.asarray([1, 1, 1, 1, 0, 0], jnp.float32)
+  checked = 0
+  for seed in range(20):
+    out, partner, ratio = augment.cutmix(jax.random.key(seed), x, 1.0, valid=valid)
+    out, partner = np.asarray(out)[..., 0], np.asarray(partner)
+    assert sorted(partner[:4].tolist()) == [0, 1, 2, 3]
+    assert partner[4:].tolist() == [4, 5] and np.all(out[4:] == np.asarray(x)[4:, ..., 0])
+    moved = [i for i in range(4) if partner[i] != i]
+    if not moved:
+      continue
+    box = out[moved[0]] == partner[moved[0]]
+    for i in moved:
+      np.testing.assert_array_equal(out[i] == partner[i], box)  # one box
+      assert np.all(out[i][~box] == i)
+    np.testing.assert_allclose(float(ratio), 1 - box.mean(), atol=1e-6)
+    checked += 1
+  assert checked > 10
+  same, _, ratio = augment.cutmix(jax.random.key(0), x, 0.0)
+  np.testing.assert_array_equal(same, x)
+  assert float(ratio) == 1.0
+
+
+def test_cutmix_loss_is_the_ratio_mix_of_both_labels():
+  net = helpers.tiny_convnet(width=4, depth=1, num_classes=3)
+  params, state = net.init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+  y, y2 = jnp.asarray([0, 1, 2, 0]), jnp.asarray([1, 1, 0, 2])
+  mask = jnp.ones(4)
+  mixed, _ = training.mixed_loss(net, params, state, x, y, y2, 0.3, mask)
+  a, _ = training.masked_loss(net, params, state, x, y, mask)
+  b, _ = training.masked_loss(net, params, state, x, y2, mask)
+  np.testing.assert_allclose(mixed, 0.3 * a + 0.7 * b, rtol=1e-6)
+
+
+def test_multistep_schedule_drops_by_five_at_two_thirds_and_five_sixths():
+  """IDC's MultiStepLR([2E//3, 5E//6], 0.2): a one-parameter linear model
+  with a constant gradient moves by exactly lr_e per epoch."""
+  epochs = 12  # milestones 8 and 10
+  lrs = [float(training.epoch_lr(training.SGDSpec(8, multistep=True), 1.0, e, epochs))
+         for e in range(epochs)]
+  assert lrs == pytest.approx([1.0] * 8 + [0.2] * 2 + [0.04] * 2)
+  half = [float(training.epoch_lr(training.SGDSpec(8, decay_at_half=True), 1.0, e, 4))
+          for e in range(4)]
+  assert half == pytest.approx([1.0, 1.0, 0.1, 0.1])
+
+
+def test_idc_protocol_is_the_backbones():
+  c = _config('idc', 1)
+  p = evaluate.protocol_from_config(c, 9)
+  assert (p.schedule, p.batch_size, p.augment_style, p.cutmix, p.align_corners,
+          p.augment, p.epochs) == ('multistep', 64, 'idc', 0.5, False,
+                                   'color_crop_flip_scale_rotate', 9)
+  c.backbone.name = 'mtt'
+  assert evaluate.protocol_from_config(c).schedule == 'half'
+
+
+# -- the step ---------------------------------------------------------------------
+
+def _config(name: str = 'idc', k: int = 2, **settings):
+  c = digits.get_config(f'ipc=2,k={k},backbone={name}')
+  config_lib.apply_settings(c, {
+      'model.width': 8, 'augment.strategy': 'flip', 'distill.checkpoint_every': 2,
+      'distill.eval_every': 0, 'idc.iterations': 3, 'idc.per_subset.iterations': (),
+      'idc.inner_loop': 2, 'idc.per_subset.inner_loop': (), 'idc.n_data': 64,
+      'idc.batch_syn_max': 6, 'idc.net_epochs': 2, 'idc.fix_iter': 2,
+      'idc.lr_img': 0.5, 'idc.per_subset.lr_img': (), **settings})
+  return c
+
+
+def _ctx(tmp_path, config):
+  x, y, xt, yt, _, _ = helpers.digits_model_space()
+  from seqmatch_jax import data as data_lib
+  pre = data_lib.fit_preprocessor(data_lib.load_dataset('digits'), zca=False)
+  return seqmatch.Context(
+      config=config, workdir=str(tmp_path), network=helpers.tiny_convnet(),
+      x_train=x, y_train=y, x_test=xt, y_test=yt, x_val=None, y_val=None,
+      num_classes=10, experts_dir='', expert_metadata={}, key=jax.random.key(0),
+      progress=False, preprocessor=pre)
+
+
+def _subset_problem(tmp_path, k_index: int = 1, **settings):
+  """The IDC backbone at subset 2 of 2 (ipc 1 + 1): its source, plan, a frozen
+  S_1 and the trainable S_2 in pixel space."""
+  config = _config(**settings)
+  ctx = _ctx(tmp_path, config)
+  backbone = backbones.create(config, ctx.network)
+  plans = seqmatch.subset_plans(config)
+  init = backbone.initial_images(jax.random.key(1), ctx, [p.ipc for p in plans])
+  labels, subset = seqmatch.subset_layout([p.ipc for p in plans], 10)
+  plan = plans[k_index]
+  frozen = init[subset < k_index]
+  done = backbones.base.Done(frozen, labels[subset < k_index],
+                             subset[subset < k_index], [0.01] * k_index)
+  source = backbone.prepare(ctx, plan, done)
+  return backbone, plan, source, jnp.asarray(frozen), jnp.asarray(
+      init[subset == k_index]), jnp.asarray(labels[subset <= k_index])
+
+
+def test_step_is_one_image_update_per_class_in_turn(tmp_path):
+  """The generic step (one match) equals a direct Python loop: the block's
+  network, then per class the gradient of that class's loss at the current
+  images and one SGD-momentum step on the whole tensor; then the clamp."""
+  backbone, plan, source, frozen, mine, labels = _subset_problem(
+      tmp_path, **{'idc.inner_loop': 1})
+  step = distill.make_distill_step(backbone, plan, trajectories=1)
+  state = distill.init_state(backbone, plan, mine, jax.random.key(7))
+  resources = source.sample(0, 1)
+  new, _ = step(state, frozen, labels, resources, source.data)
+
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.key), 0)
+  key = jax.random.split(key, 1)[0]
+  inner = backbone.init_inner(plan, jax.tree.map(lambda x: x[0], resources),
+                              jax.random.fold_in(key, distill._INIT_SALT), source.data)
+  tx, _ = backbone.optimizers(plan)
+  opt = tx.init(mine)
+  images = mine
+  class_grad = jax.jit(jax.grad(lambda m, c: backbone.loss(
+      plan, jnp.concatenate([frozen, m]), labels, {}, inner, key, source.data, c)))
+  for c in range(10):
+    g = class_grad(images, c)
+    # Only class c's images get a gradient; momentum moves the others.
+    rows = np.flatnonzero(np.asarray(labels[len(frozen):]) != c)
+    assert float(jnp.abs(g[rows]).max()) == 0.0
+    upd, opt = tx.update(g, opt)
+    images = images + upd
+  np.testing.assert_allclose(new.images, jnp.clip(images, 0, 1), rtol=1e-5, atol=1e-6)
+  assert float(new.images.min()) >= 0 and float(new.images.max()) <= 1
+  assert not np.allclose(new.images, mine)
+
+
+def test_loss_is_the_direct_conv_gradient_mse(tmp_path):
+  """One class's loss: Σ over the conv kernels of (g_real - g_syn)^2, the
+  synthetic images being each subset's decoded images joined, with one
+  augmentation (here none) for real and synthetic."""
+  backbone, plan, source, frozen, mine, labels = _subset_problem(
+      tmp_path, **{'augment.strategy': 'flip', 'idc.aug_match': 'none',
+                   'idc.batch_real': 1000, 'idc.batch_syn_max': 1000})
+  data = source.data
+  params, state = backbone.network.init(jax.random.key(3))
+  inner = ((params, state), None)
+  c = 4
+  loss = jax.jit(lambda im: backbone.loss(plan, im, labels, {}, inner,
+                                          jax.random.key(5), data, c))(
+      jnp.concatenate([frozen, mine]))
+  real = data['x'][np.asarray(data['y']) == c]
+  syn = jnp.concatenate([idc.decode_tiles(frozen[np.asarray(labels[:10]) == c], 2),
+                         idc.decode_tiles(mine[np.asarray(labels[10:]) == c], 2)])
+  syn = (syn - data['mean']) / data['std']
+
+  @jax.jit
+  def grads(x):
+    ce = lambda p: -jnp.mean(jax.nn.log_softmax(
+        backbone.network.apply(p, state, x, train=True)[0])[:, c])
+    return jax.grad(ce)(params)
+  expected = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(
+      jax.tree.leaves(grads(real)), jax.tree.leaves(grads(syn))) if a.ndim == 4)
+  np.testing.assert_allclose(loss, expected, rtol=1e-4)
+
+
+def test_image_gradient_matches_finite_differences(tmp_path):
+  backbone, plan, source, frozen, mine, labels = _subset_problem(
+      tmp_path, **{'idc.aug_match': 'color_crop_cutout'})
+  params, state = backbone.network.init(jax.random.key(3))
+  with jax.enable_x64(True):
+    data = jax.tree.map(lambda a: a.astype(jnp.float64)
+                        if jnp.issubdtype(a.dtype, jnp.floating) else a, source.data)
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+    inner = ((params, state), None)
+    frozen, mine = frozen.astype(jnp.float64), mine.astype(jnp.float64)
+    f = jax.jit(lambda m: backbone.loss(plan, jnp.concatenate([frozen, m]), labels,
+                                        {}, inner, jax.random.key(5), data, 3))
+    g = jax.jit(jax.grad(f))(mine)
+    assert float(jnp.abs(g).max()) > 0
+    eps = 1e-7
+    for d in range(3):
+      v = jax.random.normal(jax.random.key(10 + d), mine.shape, jnp.float64)
+      fd = (f(mine + eps * v) - f(mine - eps * v)) / (2 * eps)
+      np.testing.assert_allclose(jnp.vdot(g, v), fd, rtol=1e-4, atol=1e-9)
+
+
+def test_frozen_subset_gets_no_gradient(tmp_path):
+  backbone, plan, source, frozen, mine, labels = _subset_problem(tmp_path)
+  params, state = backbone.network.init(jax.random.key(3))
+  inner = ((params, state), None)
+  f = lambda fr, stop: backbone.loss(
+      plan, jnp.concatenate([jax.lax.stop_gradient(fr) if stop else fr, mine]),
+      labels, {}, inner, jax.random.key(5), source.data, 2)
+  grad = jax.jit(jax.grad(f), static_argnums=1)
+  assert float(jnp.abs(grad(frozen, True)).max()) == 0.0
+  # ... but it takes part in the loss.
+  assert float(jnp.abs(grad(frozen, False)).max()) > 0.0
+
+
+def test_seqmatch_networks_learn_the_earlier_subsets_including_s1_at_k3(tmp_path):
+  """Subset 3's networks are trained on S_1, then S_1 ∪ S_2 (the official
+  code's K >= 3 bug drops S_1); they refresh every fix_iter iterations and
+  depend only on the block."""
+  config = _config(k=3, **{'ipc': 3})
+  ctx = _ctx(tmp_path, config)
+  backbone = backbones.create(config, ctx.network)
+  plans = seqmatch.subset_plans(config)
+  sizes = [p.ipc for p in plans]
+  init = backbone.initial_images(jax.random.key(1), ctx, sizes)
+  labels, subset = seqmatch.subset_layout(sizes, 10)
+  done = backbones.base.Done(init[subset < 2], labels[subset < 2], subset[subset < 2],
+                             [0.01, 0.01])
+  source = backbone.prepare(ctx, plans[2], done)
+  s1 = backbone.decode(init[subset == 0], labels[subset == 0], None,
+                       ctx.preprocessor)[0]
+  assert len(source.stages) == 2
+  np.testing.assert_array_equal(source.stages[0][0], s1)
+  np.testing.assert_array_equal(source.stages[1][0][:len(s1)], s1)  # S_1 kept
+  assert len(source.stages[1][0]) == 2 * len(s1)
+  a, b, c = (source.sample(i, 1) for i in (0, 1, 2))
+  same = lambda u, v: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(u),
+                                                               jax.tree.leaves(v)))
+  assert same(a, b) and not same(a, c)  # fix_iter 2
+  source.__init__(backbone, ctx, plans[2], done)  # a resumed run
+  assert same(source.sample(1, 1), a)
+  # And the staged evaluation of the final set has S_1 in stage 3.
+  stages = evaluate.stage_sets(*backbone.decode(init, labels, subset, ctx.preprocessor))
+  np.testing.assert_array_equal(stages[2][0][:len(s1)], s1)
+
+
+def test_distill_all_freezes_subsets_decodes_and_resumes_bitwise(tmp_path):
+  config = _config(k=2)
+  full = seqmatch.distill_all(_ctx(tmp_path / 'a', config))
+  # 2 stored images per class -> 8 decoded per class, subset 1 first.
+  assert full.images.shape == (80, 8, 8, 1) and full.stored.shape == (20, 8, 8, 1)
+  assert full.subset.tolist() == [0] * 40 + [1] * 40
+  with np.load(tmp_path / 'a' / 'subsets' / 'subset_1.npz') as f:
+    np.testing.assert_array_equal(full.stored[:10], f['images_model'])
+  assert full.stored.min() >= 0 and full.stored.max() <= 1
+  calls = {'n': 0}
+
+  def stop_at_three():
+    calls['n'] += 1
+    return calls['n'] > 3
+  ctx = _ctx(tmp_path / 'b', config)
+  ctx.should_stop = stop_at_three
+  with pytest.raises(Interrupted):
+    seqmatch.distill_all(ctx)
+  ctx.should_stop = lambda: False
+  again = seqmatch.distill_all(ctx)
+  np.testing.assert_array_equal(again.stored, full.stored)
+  np.testing.assert_array_equal(again.images, full.images)
+
+
+def test_config_rows_and_checks():
+  c = digits.get_config('ipc=10,backbone=idc')
+  assert c.backbone.name == 'idc' and c.seqmatch.num_subsets == 2
+  from configs import cifar10
+  paper = cifar10.get_config('ipc=50,backbone=idc')
+  official = cifar10.get_config('ipc=50,backbone=idc,k=2')
+  assert paper.seqmatch.num_subsets == 3 and not paper.dataset.zca
+  assert official.idc.per_subset.inner_loop == (50, 100)
+  assert official.idc.per_subset.iterations == (4000, 4000)
+  from seqmatch_jax import configuration
+  for c in (paper, official):
+    configuration.validate(c)
+  bad = cifar10.get_config('ipc=50')
+  bad.backbone.name = 'idc'
+  with pytest.raises(ConfigError, match='backbone=idc'):
+    configuration.validate(bad)
+  # lr_img tuned with the subset's ipc: 5e-3 x 25 / 10 at C10 ipc 50 (K=2).
+  backbone = backbones.create(official, helpers.tiny_convnet(
+      image_shape=(32, 32, 3)))
+  plan = seqmatch.subset_plans(official)[0]
+  assert backbone.image_lr(plan) == pytest.approx(0.0125)
