@@ -40,7 +40,9 @@ _NET_SALT = 0x7FFFFFF1
 
 @flax.struct.dataclass
 class DistillState:
-  images: jax.Array  # the trainable subset, model space
+  # The trainable subset in the backbone's stored form (model space; IDC:
+  # [0,1] pixel tiles).
+  images: jax.Array
   extras: dict  # backbone's learnable scalars, e.g. {'syn_lr': ...}
   opt_images: Any
   opt_extras: Any
@@ -234,7 +236,7 @@ def distill_subset(backbone: Backbone, plan: SubsetPlan, source: Source, *,
 
   Args:
     source: the subset's resources (`backbone.prepare`).
-    init_images: starting pixels (model space) of the trainable subset.
+    init_images: starting images of the trainable subset (the backbone's stored form).
     labels: labels of the trainable subset.
     frozen, frozen_labels: earlier subsets (possibly empty), never updated.
     evaluate_fn: (images of the full set so far, lr, iteration) -> validation

@@ -213,6 +213,24 @@ def test_step_is_one_image_update_per_class_in_turn(tmp_path):
   assert not np.allclose(new.images, mine)
 
 
+def test_sharded_step_equals_the_single_device_step(tmp_path):
+  """Two trajectories (each its own copy of the block's network, real
+  batches and draws) split over two devices give the step one device gives."""
+  from seqmatch_jax import parallel
+  backbone, plan, source, frozen, mine, labels = _subset_problem(
+      tmp_path, **{'idc.inner_loop': 1})
+  state = distill.init_state(backbone, plan, mine, jax.random.key(7))
+  one, _ = distill.make_distill_step(backbone, plan, trajectories=2)(
+      state, frozen, labels, source.sample(0, 2), source.data)
+  mesh = parallel.make_mesh(2)
+  two, _ = distill.make_distill_step(backbone, plan, trajectories=2, mesh=mesh)(
+      parallel.replicate(state, mesh), parallel.replicate(frozen, mesh),
+      parallel.replicate(labels, mesh), source.sample(0, 2, mesh),
+      parallel.replicate(source.data, mesh))
+  np.testing.assert_allclose(parallel.fetch(two.images), one.images, rtol=1e-5,
+                             atol=1e-6)
+
+
 def test_loss_is_the_direct_conv_gradient_mse(tmp_path):
   """One class's loss: Σ over the conv kernels of (g_real - g_syn)^2, the
   synthetic images being each subset's decoded images joined, with one
@@ -347,6 +365,13 @@ def test_config_rows_and_checks():
   bad.backbone.name = 'idc'
   with pytest.raises(ConfigError, match='backbone=idc'):
     configuration.validate(bad)
+  for key, value, match in [('batch_real', 0, 'positive'), ('metric', 'l2', 'mse|l1|cos'),
+                            ('mix_p', 2.0, r'\[0, 1\]'), ('aug_net', 'blur', 'blur'),
+                            ('inner_loop', 0, 'inner_loop')]:
+    c = digits.get_config('backbone=idc')
+    c.idc[key] = value
+    with pytest.raises(ConfigError, match=match):
+      configuration.validate(c)
   # lr_img tuned with the subset's ipc: 5e-3 x 25 / 10 at C10 ipc 50 (K=2).
   backbone = backbones.create(official, helpers.tiny_convnet(
       image_shape=(32, 32, 3)))

@@ -146,10 +146,22 @@ def sample_class(key: jax.Array, data: dict, c, batch: int):
   return data['x'][rows], mask
 
 
+def config_image_size(config) -> tuple[int, int]:
+  """(H, W) of the config's dataset when known without loading it, else
+  (0, 0)."""
+  from seqmatch_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  try:
+    shape = data_lib.peek_image_shape(config.dataset.name,
+                                      config.dataset.data_dir or None)
+  except Exception:  # pylint: disable=broad-except
+    shape = None  # the data loader reports its own problems later
+  return tuple(shape[:2]) if shape else (0, 0)
+
+
 class IDCSource(base.RealImagesByClass):
-  """Real data by class, where each subset's images of each class sit in the
-  set being matched, the normalisation, and (for SeqMatch) the iteration's
-  starting network.
+  """What IDC's step reads: the real images by class and their labels, the
+  normalisation, and where each subset's images of each class sit in the
+  matched set; `sample` gives the iteration's starting network (SeqMatch).
 
   `data['subset_rows']` holds, per subset, a [C, ipc_j] table of rows of the
   whole set (frozen subsets first): each is decoded and subsampled on its own.
@@ -262,9 +274,18 @@ class IDC(base.RealDataBackbone):
         raise ConfigError(f'idc.inner_loop of subset {p.index + 1} must be >= 1, '
                           f'got {p.inner_loop}.')
     for name in ('factor', 'batch_real', 'batch_syn_max', 'n_data', 'batch_net',
+                 'eval_batch', 'fix_iter', 'net_epochs'):
+      if isinstance(c[name], bool) or not isinstance(c[name], int):
+        raise ConfigError(f'idc.{name} must be an integer, got {c[name]!r}.')
+    for name in ('factor', 'batch_real', 'batch_syn_max', 'n_data', 'batch_net',
                  'lr_net', 'eval_batch'):
       if isinstance(c[name], bool) or not c[name] > 0:
         raise ConfigError(f'idc.{name} must be positive, got {c[name]}.')
+    size = min(config_image_size(config))
+    if size and c.factor > size:
+      raise ConfigError(f'idc.factor={c.factor} cuts {size}-pixel images into '
+                        'empty tiles; use a factor <= the image side (IDC: 2 for '
+                        '32x32 and 28x28, 3 for ImageNet subsets).')
     for name in ('fix_iter', 'net_epochs', 'momentum_net', 'weight_decay_net'):
       if not c[name] >= 0:
         raise ConfigError(f'idc.{name} must be >= 0, got {c[name]}.')
