@@ -23,8 +23,10 @@ dependency of the package; without it the torch rows are skipped):
     for this harness on the same network and DSA.
 
 Our side uses the package defaults unless `--ours` names option sets, e.g.
-`--ours='{"plain": {"remat_policy": "step"}, "fast": {}}'` (one column pair
-per variant; keys: see `measure_step`).
+`--ours='{"im2col": {}, "xla": {"conv_impl": "xla"}}'` (one column set per
+variant, each run in turn within the row; keys: `matching.meta_gradient`'s
+options and `conv_impl`; the expert and eval rows take `conv_impl`, and the
+eval rows `trim_short_batch` (config `eval.trim_short_batch`)).
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ def measure_expert(a: dict) -> dict:
   from benchmarks import common
 
   shape = _shape(a['shape'])
-  net = create_network('convnet', 10, shape, width=a.get('width', 128), depth=3)
+  net = create_network('convnet', 10, shape, width=a.get('width', 128), depth=3,
+                       conv_impl=(a.get('opts') or {}).get('conv_impl', 'auto'))
   x = jax.random.normal(jax.random.key(0), (a['images'], *shape))
   y = jax.random.randint(jax.random.key(1), (a['images'],), 0, 10)
   spec = training.SGDSpec(batch_size=256, augment=_DSA if a.get('dsa', True) else '')
@@ -127,14 +130,17 @@ def measure_eval(a: dict) -> dict:
   from benchmarks import common
 
   shape = _shape(a['shape'])
-  net = create_network('convnet', 10, shape, width=a.get('width', 128), depth=3)
+  net = create_network('convnet', 10, shape, width=a.get('width', 128), depth=3,
+                       conv_impl=(a.get('opts') or {}).get('conv_impl', 'auto'))
   n = a['images']
   x = jax.random.normal(jax.random.key(0), (n, *shape))
   y = jnp.repeat(jnp.arange(10), n // 10)
   xt = jax.random.normal(jax.random.key(1), (500, *shape))
   yt = jnp.repeat(jnp.arange(10), 50)
-  protocol = evaluate.Protocol(epochs=a['epochs'], parallel='sequential',
-                               augment=_DSA if a.get('dsa', True) else '')
+  protocol = evaluate.Protocol(
+      epochs=a['epochs'], parallel='sequential',
+      augment=_DSA if a.get('dsa', True) else '',
+      trim_short_batch=(a.get('opts') or {}).get('trim_short_batch', False))
   times = []
   for i in range(1 + a.get('reps', 1)):
     t0 = time.perf_counter()
@@ -239,6 +245,13 @@ def _med(rows: list[dict], key: str):
   return statistics.median(vals) if vals else None
 
 
+def _phase_opts(phase: str, opts: dict) -> dict:
+  """The options of a variant that apply to `phase`."""
+  if phase == 'step':
+    return {k: v for k, v in opts.items() if k != 'trim_short_batch'}
+  return {k: v for k, v in opts.items() if k in ('conv_impl', 'trim_short_batch')}
+
+
 def run_grid(a: argparse.Namespace) -> tuple[list[dict], str]:
   variants = json.loads(a.ours) if a.ours else {'ours': {}}
   why_no_torch = '' if a.no_torch else torch_available(a.torch_python)
@@ -252,11 +265,13 @@ def run_grid(a: argparse.Namespace) -> tuple[list[dict], str]:
     ref = []
     for k in range(a.rounds):
       def ours_all():
+        seen = []
         for name, opts in variants.items():
-          samples[name].append(run_ours(
-              phase, dict(args, opts=opts if phase == 'step' else {}), a.timeout))
-          if phase != 'step' and len(variants) > 1:  # options are step-only
-            break
+          opts = _phase_opts(phase, opts)
+          if opts in seen:  # same program as an earlier variant in this phase
+            continue
+          seen.append(opts)
+          samples[name].append(run_ours(phase, dict(args, opts=opts), a.timeout))
       def reference():
         if not why_no_torch:
           ref.append(run_reference(phase, args, a.torch_python, a.step_script,
@@ -356,11 +371,11 @@ def parse(argv=None) -> argparse.Namespace:
                  'a 256-image expert epoch, 3 eval epochs')
   p.add_argument('--out', default='benchmarks/results/vs_reference')
   a = p.parse_args(argv)
-  if a.quick:
-    a.shapes, a.steps, a.n_images, a.batch_syn = '32x32x3', '1,2', 20, 20
-    a.expert_images, a.eval_epochs, a.reps, a.warmup = 256, 3, 1, 1
-    if a.phases == 'step':
-      a.phases = 'step,expert,eval'
+  if a.quick:  # defaults for the smoke test; explicit flags still win
+    p.set_defaults(shapes='32x32x3', steps='1,2', n_images=20, batch_syn=20,
+                   expert_images=256, eval_epochs=3, reps=1, warmup=1,
+                   phases='step,expert,eval')
+    a = p.parse_args(argv)
   return a
 
 

@@ -35,11 +35,13 @@ class Protocol:
   weight_decay: float = 5e-4
   augment: str = 'color_crop_cutout_flip_scale_rotate'
   parallel: str = 'auto'
+  trim_short_batch: bool = False  # see training.run_epoch
 
   def sgd(self) -> training.SGDSpec:
     return training.SGDSpec(batch_size=self.batch_size, momentum=self.momentum,
                             weight_decay=self.weight_decay, augment=self.augment,
-                            decay_at_half=True)
+                            decay_at_half=True,
+                            trim_short_batch=self.trim_short_batch)
 
 
 def protocol_from_config(config: ml_collections.ConfigDict,
@@ -48,7 +50,8 @@ def protocol_from_config(config: ml_collections.ConfigDict,
                   batch_size=config.eval.batch_size,
                   momentum=config.eval.momentum,
                   weight_decay=config.eval.weight_decay,
-                  augment=config.augment.strategy, parallel=config.eval.parallel)
+                  augment=config.augment.strategy, parallel=config.eval.parallel,
+                  trim_short_batch=config.eval.get('trim_short_batch', False))
 
 
 def stage_sets(images, labels, subset) -> list[tuple[jax.Array, jax.Array]]:
