@@ -157,8 +157,13 @@ _MEASURE = dict(step=measure_step, expert=measure_expert, eval=measure_eval)
 # ----------------------------------------------------------------------------- runs
 
 def _run(cmd: list[str], timeout: float) -> dict:
-  """Runs one measurement process; its last stdout line is a JSON row."""
+  """Runs one measurement process; its last stdout line is a JSON row.
+
+  `load1` is the 1-minute load average when it started: on a shared machine,
+  a row whose two sides saw different loads is not a fair ratio.
+  """
   t0 = time.time()
+  load1 = round(os.getloadavg()[0], 2)
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           cwd=_REPO)
@@ -169,6 +174,7 @@ def _run(cmd: list[str], timeout: float) -> dict:
     return dict(error=tail[-300:])
   row = json.loads(proc.stdout.strip().splitlines()[-1])
   row['wall_s'] = round(time.time() - t0, 1)
+  row['load1'] = load1
   return row
 
 
@@ -284,6 +290,7 @@ def run_grid(a: argparse.Namespace) -> tuple[list[dict], str]:
     ref_s = _med(ref, 's')
     row['ref_s'] = None if ref_s is None else round(ref_s, 3)
     row['ref_rss_mib'] = _med(ref, 'peak_rss_mib')
+    row['ref_load1'] = _med(ref, 'load1')
     errors = [x['error'] for x in ref if 'error' in x]
     if why_no_torch:
       row['note'] = f'reference skipped: {why_no_torch}'
@@ -297,6 +304,7 @@ def run_grid(a: argparse.Namespace) -> tuple[list[dict], str]:
       row[p + 'ours_s'] = None if s is None else round(s, 3)
       row[p + 'ours_rss_mib'] = _med(rs, 'peak_rss_mib')
       row[p + 'ours_compile_s'] = _med(rs, 'compile_s') or _med(rs, 'first_s')
+      row[p + 'ours_load1'] = _med(rs, 'load1')
       if s and ref_s:
         row[p + 'ratio'] = round(ref_s / s, 2)
         if row[p + 'ours_rss_mib'] and row['ref_rss_mib']:
