@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.whole_epochs = 30
   c.eval.synthetic = ''  # path of a saved set, for mode=evaluate
   c.eval.parallel = 'auto'  # auto | vmap | sequential
+  # Train on only the real rows of a short batch (< batch_size images): 2.5x
+  # faster evaluation at ipc 10; float32-rounding changes (issue 17).
+  c.eval.trim_short_batch = False
 
   c.parallel = ml_collections.ConfigDict()
   c.parallel.distributed = 'auto'  # auto | yes | no: jax.distributed.initialize

@@ -42,6 +42,7 @@ class Protocol:
   augment_style: str = 'dsa'  # 'dsa' | 'idc' (augment.DSAParams.style)
   align_corners: bool = True
   cutmix: float = 0.0  # CutMix probability per batch
+  trim_short_batch: bool = False  # see training.run_epoch
 
   def sgd(self) -> training.SGDSpec:
     return training.SGDSpec(batch_size=self.batch_size, momentum=self.momentum,
@@ -49,7 +50,8 @@ class Protocol:
                             decay_at_half=self.schedule == 'half',
                             multistep=self.schedule == 'multistep',
                             align_corners=self.align_corners,
-                            augment_style=self.augment_style, cutmix=self.cutmix)
+                            augment_style=self.augment_style, cutmix=self.cutmix,
+                            trim_short_batch=self.trim_short_batch)
 
 
 def protocol_from_config(config: ml_collections.ConfigDict,

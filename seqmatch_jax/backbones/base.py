@@ -174,7 +174,8 @@ class Backbone:
                              momentum=config.eval.momentum,
                              weight_decay=config.eval.weight_decay,
                              augment=config.augment.strategy,
-                             parallel=config.eval.parallel)
+                             parallel=config.eval.parallel,
+                             trim_short_batch=config.eval.trim_short_batch)
 
   def initial_images(self, key: jax.Array, ctx, sizes: list[int]) -> np.ndarray:
     """The whole trainable set at iteration 0 (Algorithm 1 line 1), in the

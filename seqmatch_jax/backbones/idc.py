@@ -338,7 +338,7 @@ class IDC(base.RealDataBackbone):
         momentum=config.eval.momentum, weight_decay=config.eval.weight_decay,
         augment=config.idc.eval_augment, parallel=config.eval.parallel,
         schedule='multistep', augment_style='idc', align_corners=False,
-        cutmix=config.idc.mix_p)
+        cutmix=config.idc.mix_p, trim_short_batch=config.eval.trim_short_batch)
 
   def net_spec(self) -> training.SGDSpec:
     c = self.config.idc
