@@ -50,14 +50,9 @@ TABLES[50].update(config_lib.ftd_row(30, 2, 40, 1000.0, 1e-5, 0.01, 1.0, 0.999,
 # 4000 outer iterations each); ipc=50,k=2 is the official script itself
 # (seqmatch-idc/run.sh: 25 + 25, fix_iter 50).
 IDC_TABLES = {
-    10: {'dataset.zca': False, 'seqmatch.num_subsets': 2,
-         'idc.per_subset.inner_loop': (50, 100),
-         'idc.per_subset.iterations': (4000, 4000)},
-    50: {'dataset.zca': False, 'seqmatch.num_subsets': 3,
-         'idc.per_subset.inner_loop': (50, 100, 100),
-         'idc.per_subset.iterations': (4000, 4000, 4000),
-         'variants': {2: {'idc.per_subset.inner_loop': (50, 100),
-                          'idc.per_subset.iterations': (4000, 4000)}}},
+    10: config_lib.idc_seqmatch_row(2),
+    50: dict(config_lib.idc_seqmatch_row(3),
+             variants={2: config_lib.idc_seqmatch_row(2)}),
 }
 
 

@@ -42,12 +42,8 @@ TABLES[50].update(config_lib.ftd_row(80, 2, 40, 1000.0, 1e-5, 0.01, 1.0, 0.999,
 # configs/cifar10.py). IDC normalises CIFAR-100 with CIFAR-10's statistics;
 # we use CIFAR-100's own (the data pipeline's).
 IDC_TABLES = {
-    10: {'dataset.zca': False, 'seqmatch.num_subsets': 2,
-         'idc.per_subset.inner_loop': (50, 100),
-         'idc.per_subset.iterations': (4000, 4000)},
-    50: {'dataset.zca': False, 'seqmatch.num_subsets': 3,
-         'idc.per_subset.inner_loop': (50, 100, 100),
-         'idc.per_subset.iterations': (4000, 4000, 4000)},
+    10: config_lib.idc_seqmatch_row(2),
+    50: config_lib.idc_seqmatch_row(3),
 }
 
 

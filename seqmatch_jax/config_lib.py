@@ -249,6 +249,16 @@ def ftd_row(n: int, m: int, t_plus: int, lr_img: float, lr_lr: float,
   return row
 
 
+def idc_seqmatch_row(num_subsets: int) -> dict:
+  """A CIFAR SeqMatch-IDC row: no ZCA (IDC normalises pixels itself), K
+  subsets, each with the official seqmatch-idc/run.sh schedule (inner loop 50
+  for the first subset, 100 after; 4000 outer iterations each). The plain IDC
+  row (k=1) keeps `idc.*`'s scalars: IDC's reproduce settings."""
+  return {'dataset.zca': False, 'seqmatch.num_subsets': num_subsets,
+          'idc.per_subset.inner_loop': (50,) + (100,) * (num_subsets - 1),
+          'idc.per_subset.iterations': (4000,) * num_subsets}
+
+
 # MNIST, Fashion-MNIST and SVHN are not in the paper's Table 4: our values,
 # following the MTT/SeqMatch CIFAR-10 rows (N 30, M 2, lr_img 100, lr_lr 1e-5,
 # lr_teacher 0.01; K 2 at ipc 10 with T+ {20,10}, K 3 at ipc 50), no ZCA.

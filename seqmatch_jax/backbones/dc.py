@@ -52,6 +52,14 @@ def _norm(x: jax.Array) -> jax.Array:
   return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
 
 
+def channel_cosine_distance(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Σ over output channels of 1 - cos between two weight(-gradient) tensors
+  (eps 1e-6): DC's 'ours' distance and IDC's 'cos' metric for one tensor."""
+  a, b = _rows(a), _rows(b)
+  cos = jnp.sum(a * b, -1) / (_norm(a) * _norm(b) + 1e-6)
+  return jnp.sum(1.0 - cos)
+
+
 def gradient_distance(g_real, g_syn) -> jax.Array:
   """Σ over weight tensors Σ over output channels (1 - cos): DC's 'ours'
   distance; 1-D tensors (biases, norm scales and offsets) count zero."""
@@ -59,9 +67,7 @@ def gradient_distance(g_real, g_syn) -> jax.Array:
   for a, b in zip(jax.tree.leaves(g_real), jax.tree.leaves(g_syn)):
     if a.ndim < 2:
       continue
-    a, b = _rows(a), _rows(b)
-    cos = jnp.sum(a * b, -1) / (_norm(a) * _norm(b) + 1e-6)
-    total = total + jnp.sum(1.0 - cos)
+    total = total + channel_cosine_distance(a, b)
   return total
 
 

@@ -34,6 +34,7 @@ from seqmatch_jax import evaluate as evaluate_lib
 from seqmatch_jax import parallel
 from seqmatch_jax import training
 from seqmatch_jax.backbones import base
+from seqmatch_jax.backbones import dc
 from seqmatch_jax.errors import ConfigError
 
 METRICS = ('mse', 'l1', 'cos')
@@ -126,11 +127,7 @@ def grad_distance(g_real, g_syn, metric: str) -> jax.Array:
     elif metric == 'l1':
       total = total + jnp.sum(jnp.abs(a - b))
     else:
-      a = jnp.moveaxis(a, -1, 0).reshape(a.shape[-1], -1)
-      b = jnp.moveaxis(b, -1, 0).reshape(b.shape[-1], -1)
-      cos = jnp.sum(a * b, -1) / (jnp.linalg.norm(a, axis=-1)
-                                  * jnp.linalg.norm(b, axis=-1) + 1e-6)
-      total = total + jnp.sum(1.0 - cos)
+      total = total + dc.channel_cosine_distance(a, b)
   return total
 
 
@@ -198,6 +195,7 @@ class IDCSource(base.RealImagesByClass):
           backbone.network, backbone.eval_protocol(config, epochs))
     self._block = None
     self._net = None
+    self._sent = None  # ((block, count, mesh), the stacked network as sent)
 
   def network_at(self, iteration: int):
     """The starting network of `iteration`'s block (a pure function of the
@@ -216,10 +214,13 @@ class IDCSource(base.RealImagesByClass):
     if self.fix_iter == 1 and self.stages is None:
       return None  # IDC: a fresh random network per trajectory, in the step
     net = self.network_at(iteration)
-    load = lambda rows: jax.tree.map(lambda x: np.stack([x] * len(rows)), net)
-    if mesh is None:
-      return load(range(count))
-    return parallel.shard_from_loader(count, mesh, load)
+    if self._sent is None or self._sent[0] != (self._block, count, mesh):
+      # Stacked and placed once per block, not every iteration.
+      load = lambda rows: jax.tree.map(lambda x: np.stack([x] * len(rows)), net)
+      placed = (load(range(count)) if mesh is None
+                else parallel.shard_from_loader(count, mesh, load))
+      self._sent = ((self._block, count, mesh), placed)
+    return self._sent[1]
 
 
 class IDC(base.RealDataBackbone):
