@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from seqmatch_jax import files
+from seqmatch_jax import hostmem
 from seqmatch_jax import parallel
 from seqmatch_jax.backbones.base import Backbone, Source, SubsetPlan
 from seqmatch_jax.errors import CheckpointError, Diverged, Interrupted, UserError
@@ -315,6 +316,8 @@ def distill_subset(backbone: Backbone, plan: SubsetPlan, source: Source, *,
           f'{os.path.join(ckpt_dir, str(last)) if last is not None else "none"} '
           '(left intact).')
     state = new_state
+    if it == start:  # the step was compiled in this call: return its scratch
+      hostmem.release_freed_memory()
     now = time.time()
     values = {k: float(v) for k, v in metrics.items()}
     if writer is not None:

@@ -152,8 +152,13 @@ class StopFlag:
     finally:
       if watcher is not None:
         signal.set_wakeup_fd(old_fd)
+      # A stop on the command line ends the process: a second signal while it
+      # unwinds and shuts down (e.g. inside an atexit handler of JAX, once the
+      # state is saved) still exits at once with its one line, not with a
+      # KeyboardInterrupt traceback.
+      late = self.exit_on_second and self.raised
       for s, h in old.items():
-        signal.signal(s, h)
+        signal.signal(s, (lambda signum, frame: _exit_now(signum)) if late else h)
       os.close(write_fd)  # the watcher reads EOF and ends
       if watcher is not None:
         watcher.join(timeout=5)

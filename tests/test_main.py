@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -116,7 +117,7 @@ def _evaluation_args(tmp_path, wd):
   return ['--config=configs/digits.py', f'--workdir={wd}', *TINY,
           '--config.mode=evaluate', '--config.eval.baselines=()',
           f'--config.eval.synthetic={_small_set(tmp_path / "set.npz")}',
-          '--config.eval.num_models=3', '--config.eval.epochs=1000',
+          '--config.eval.num_models=3', '--config.eval.epochs=8000',
           '--config.eval.parallel=sequential']
 
 
@@ -132,6 +133,28 @@ def _start_and_wait_for_first_model(args, log):
     time.sleep(0.1)
   assert 'evaluating synthetic / convnet: 3 models' in open(log).read()
   return proc
+
+
+def test_signal_after_the_stop_while_exiting_is_one_line_not_a_traceback():
+  """A stop unwinds (state saved) and the process shuts down: a second signal
+  then (e.g. inside JAX's atexit handler) exits 130 with its one line."""
+  child = textwrap.dedent("""
+      import os, signal, time
+      from seqmatch_jax import pipeline
+      stop = pipeline.StopFlag(exit_on_second=True)
+      with stop.installed():
+        os.kill(os.getpid(), signal.SIGINT)  # the first: finish, save, stop
+        while not stop():
+          time.sleep(0.01)
+      os.kill(os.getpid(), signal.SIGINT)  # the second, after the run
+      time.sleep(5)
+      print('not stopped')
+  """)
+  r = subprocess.run([sys.executable, '-c', child], cwd=ROOT, capture_output=True,
+                     text=True, timeout=60)
+  assert r.returncode == 130, (r.returncode, r.stderr[-2000:])
+  assert 'second signal' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+  assert 'not stopped' not in r.stdout
 
 
 def test_sigint_during_final_evaluation_exits_130_and_resumes(tmp_path):

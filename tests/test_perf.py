@@ -84,3 +84,49 @@ def test_vs_reference_torch_side(tmp_path):
                             '--torch_python', _torch_python(),
                             '--out', str(tmp_path / 'vs')])
   assert rows[0]['ref_s'] > 0 and rows[0]['ratio'] > 0, rows
+
+
+def test_kernel_floor_counts_each_kernel_times_its_loops():
+  """The floor's kernel list: every convolution and dot of the compiled
+  program, multiplied by the trip counts of the (nested) loops around it."""
+  from jax import lax  # pylint: disable=g-import-not-at-top
+  from benchmarks import kernel_floor  # pylint: disable=g-import-not-at-top
+
+  def inner(x, w, m):
+    def body(c, _):
+      y = lax.conv_general_dilated(c, w, (1, 1), ((1, 1), (1, 1)),
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      return jnp.tanh(y), None
+    x, _ = lax.scan(body, x, None, length=5)
+    return x, jnp.tanh(m @ m)
+
+  def outer(x, w, m):
+    def body(c, _):
+      return inner(c[0], w, c[1]), None
+    (x, m), _ = lax.scan(body, (x, m), None, length=3)
+    return x.sum() + m.sum()
+
+  x = jnp.ones((2, 6, 6, 4))
+  w = jnp.ones((3, 3, 4, 4)) * 0.01
+  m = jnp.ones((7, 7)) * 0.1
+  text = jax.jit(outer).lower(x, w, m).compile().as_text()
+  found = kernel_floor.kernels(text)
+  convs = {k: n for k, n in found.items() if k[0] == 'conv'}
+  dots = {k: n for k, n in found.items() if k[0] == 'dot'}
+  assert list(convs.values()) == [15], found  # 3 outer x 5 inner
+  assert list(convs)[0][1:3] == ((2, 6, 6, 4), (3, 3, 4, 4))
+  assert list(dots.values()) == [3], found
+  # Each supported kernel rebuilds as a standalone op of the right shape.
+  for (kind, lhs, rhs, attrs) in found:
+    op = kernel_floor.build_op(kind, attrs)
+    assert op is not None
+    out = op(jnp.ones(lhs), jnp.ones(rhs))
+    assert out.ndim == (4 if kind == 'conv' else 2)
+
+
+def test_release_freed_memory_runs_where_glibc_is():
+  from seqmatch_jax import hostmem  # pylint: disable=g-import-not-at-top
+  done = hostmem.release_freed_memory()
+  assert isinstance(done, bool)
+  if os.path.exists('/lib/x86_64-linux-gnu/libc.so.6'):
+    assert done
