@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
 import re
 import statistics
@@ -46,7 +47,9 @@ import subprocess
 import sys
 import time
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks import profile_step
+from benchmarks import vs_reference
+
 _DSA = 'color_crop_cutout_flip_scale_rotate'
 _SHAPE = r'f32\[([\d,]*)\]'
 _INSTR = re.compile(r'%([\w.\-]+) = ' + _SHAPE + r'\S* (\w[\w\-]*)\((.*?)\)(.*)$')
@@ -249,21 +252,15 @@ def compiled_text(phase: str, shape: tuple[int, int, int], steps: int,
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
-  from seqmatch_jax import matching
   from seqmatch_jax import training
   from seqmatch_jax.models import create_network
+  if phase == 'step':
+    build = profile_step._build  # pylint: disable=protected-access
+    compiled, _ = build(shape, steps, a.remat, width=a.width, n_images=a.n_images)
+    return compiled.as_text()
   net = create_network('convnet', 10, shape, width=a.width, depth=3)
   key = jax.random.key(0)
   params, state = net.init(key)
-  if phase == 'step':
-    target = jax.tree.map(lambda p: p + 0.01, params)
-    images = jax.random.normal(key, (a.n_images,) + shape)
-    labels = jnp.repeat(jnp.arange(10), a.n_images // 10)
-    fn = jax.jit(matching.meta_gradient(net, num_steps=steps,
-                                        batch_size=a.n_images, augment=_DSA,
-                                        remat=bool(a.remat)))
-    return fn.lower(images, jnp.float32(0.01), images[:0], labels, params,
-                    target, jax.random.key(1)).compile().as_text()
   n = a.expert_images if phase == 'expert' else a.eval_images
   x = jax.random.normal(key, (n,) + shape)
   y = jnp.repeat(jnp.arange(10), n // 10)
@@ -278,8 +275,6 @@ def compiled_text(phase: str, shape: tuple[int, int, int], steps: int,
 def measure_phase(phase: str, shape, a: argparse.Namespace) -> float:
   """Our whole step / epoch with `vs_reference`'s own timer, for the floor's
   share of it."""
-  sys.path.insert(0, _REPO)
-  from benchmarks import vs_reference  # pylint: disable=g-import-not-at-top
   common = dict(shape='x'.join(map(str, shape)), width=a.width,
                 reps=a.step_reps, warmup=1)
   if phase == 'step':
@@ -333,7 +328,6 @@ def floor(a: argparse.Namespace) -> tuple[list[dict], dict]:
 
 
 def _flops(w: dict) -> float:
-  import math  # pylint: disable=g-import-not-at-top
   if w['kind'] == 'conv':
     # out = B x H' x W' x O; each output sums KH*KW*C products. Output size from
     # the window (exact for the SAME / VALID / strided windows seen here).

@@ -203,19 +203,21 @@ def thunk_category(idx: HloIndex, name: str) -> str:
 
 
 def _build(shape, steps, remat, norm='instance',
-           augment='color_crop_cutout_flip_scale_rotate'):
+           augment='color_crop_cutout_flip_scale_rotate', width=128,
+           n_images=100):
+  """The compiled ConvNet-3 meta-gradient and its arguments (10 classes)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
   from seqmatch_jax import matching
   from seqmatch_jax.models import create_network
   h, w, c = shape
-  net = create_network('convnet', 10, (h, w, c), width=128, depth=3, norm=norm)
+  net = create_network('convnet', 10, (h, w, c), width=width, depth=3, norm=norm)
   key = jax.random.key(0)
   params, _ = net.init(key)
   target = jax.tree.map(lambda p: p + 0.01, params)
-  images = jax.random.normal(key, (100, h, w, c))
-  labels = jnp.repeat(jnp.arange(10), 10)
-  fn = jax.jit(matching.meta_gradient(net, num_steps=steps, batch_size=100,
+  images = jax.random.normal(key, (n_images, h, w, c))
+  labels = jnp.repeat(jnp.arange(10), n_images // 10)
+  fn = jax.jit(matching.meta_gradient(net, num_steps=steps, batch_size=n_images,
                                       augment=augment, remat=bool(remat)))
   args = (images, jnp.float32(0.01), images[:0], labels, params, target,
           jax.random.key(1))

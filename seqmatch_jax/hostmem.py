@@ -33,4 +33,3 @@ def release_freed_memory() -> bool:
     return False
   trim(0)
   return True
-
