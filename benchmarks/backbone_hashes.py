@@ -26,6 +26,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -113,7 +114,10 @@ def machine() -> dict:
 def compute(names, ks) -> dict:
   from seqmatch_jax import pipeline  # pylint: disable=g-import-not-at-top
   rows = {}
-  with tempfile.TemporaryDirectory(prefix='backbone_hashes_') as tmp:
+  # A fixed path: the config embedded in synthetic.npz names experts.dir.
+  tmp = os.path.join(tempfile.gettempdir(), 'seqmatch_backbone_hashes')
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
     for name in names:
       experts = os.path.join(tmp, f'experts_{name}')
       for k in ks:
@@ -126,6 +130,8 @@ def compute(names, ks) -> dict:
         rows[f'{name} K={k}'] = row
         print(f'{name} K={k}: arrays {row["arrays"][:16]} file {row["file"][:16]} '
               f'({row["seconds"]} s)', flush=True)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
   return rows
 
 
