@@ -62,10 +62,9 @@ PER_BACKBONE = {
 
 def run_config(name: str, k: int):
   """The tiny config of backbone `name` with K subsets (ipc 2)."""
-  from configs import digits  # pylint: disable=g-import-not-at-top
   from seqmatch_jax import config_lib  # pylint: disable=g-import-not-at-top
   arg = f'ipc=2,k={k}' + (',backbone=idc' if name == 'idc' else '')
-  c = digits.get_config(arg)
+  c = config_lib.load_config(f'configs/digits.py:{arg}')
   c.backbone.name = name
   config_lib.apply_settings(c, TINY)
   config_lib.apply_settings(c, PER_BACKBONE[name])

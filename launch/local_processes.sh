@@ -10,6 +10,17 @@
 #   DEVICES=2 bash launch/local_processes.sh 2 configs/digits.py runs/digits_2proc
 #   GPUS=1 bash launch/local_processes.sh 4 configs/cifar10.py runs/c10 --config.ipc=10
 set -euo pipefail
+# Ctrl-C must reach this script even when it was started with SIGINT ignored,
+# as every background job of a non-interactive shell is (nohup, CI runners,
+# `cmd &` in a script): bash can neither trap nor reset a signal ignored at
+# entry, so the trap below would silently do nothing. Re-exec once with SIGINT
+# restored to its default.
+if [[ -z "${SEQMATCH_LAUNCHER_REEXEC:-}" ]]; then
+  export SEQMATCH_LAUNCHER_REEXEC=1
+  exec "${PYTHON:-python}" -c 'import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+os.execvp("bash", ["bash"] + sys.argv[1:])' "$0" "$@"
+fi
 N=${1:?number of processes}
 CONFIG=${2:?config}
 WORKDIR=${3:?workdir}
@@ -37,7 +48,7 @@ status=0
 left=$N
 while (( left > 0 )); do
   rc=0
-  wait -n "${pids[@]}" || rc=$?
+  wait -n "${pids[@]}" 2>/dev/null || rc=$?
   alive=0
   for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=$((alive + 1)); done
   if (( alive == left )); then continue; fi  # wait was cut short by the trap

@@ -53,7 +53,7 @@ class DSAParams:
   align_corners: bool = True
   # 'dsa': one family of the strategy per call (DC/MTT `DiffAugment`).
   # 'idc': flip, color and cutout always (when listed), in that order around
-  # one family drawn from the rest (IDC's `DiffAug`, BACKBONES.md section 0).
+  # one family drawn from the rest (IDC's `DiffAug`, its `misc/augment.py`).
   style: str = 'dsa'
 
 

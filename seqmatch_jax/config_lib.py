@@ -152,7 +152,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def apply_settings(c: ml_collections.ConfigDict, settings: dict) -> None:
-  """Sets dotted keys, e.g. {'distill.syn_steps': 30, 'seqmatch.syn_steps': (30, 80)}.
+  """Sets dotted keys, e.g. {'mtt.syn_steps': 30, 'mtt.per_subset.syn_steps': (30, 80)}.
 
   Existing keys only: a misspelt key in a config table would otherwise become
   a new key that nothing reads, and the run would silently use the default.
@@ -295,6 +295,32 @@ def imagenet_subset_config(name: str, arg: str | None,
   return table_config(name, arg, tables, {'model.depth': 5})
 
 
+def resolve_config_path(path: str) -> str:
+  """A config file's path as given, or under the repository this package is
+  installed from (so 'configs/cifar10.py' works from any directory)."""
+  if os.path.isfile(path) or os.path.isabs(path):
+    return path
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  candidate = os.path.join(repo, path)
+  return candidate if os.path.isfile(candidate) else path
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """The config of `spec`, written as on the command line:
+  'configs/cifar10.py' or 'configs/cifar10.py:ipc=50,k=3' (for notebooks,
+  tests and benchmarks; relative paths also resolve against the repository).
+
+  Raises:
+    ConfigError: the file does not exist.
+  """
+  path, _, arg = spec.partition(':')
+  resolved = resolve_config_path(path)
+  if not os.path.isfile(resolved):
+    raise ConfigError(f'config file {path!r} does not exist; give a path such '
+                      'as configs/digits.py (optionally with :ipc=N,...).')
+  return _load_config_file(resolved).get_config(arg or None)
+
+
 def _load_config_file(path: str):
   import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location('_config_file', path)
@@ -318,6 +344,64 @@ def _flat(c: ml_collections.ConfigDict, prefix: str = '') -> dict:
   return out
 
 
+def _split_string_tuples(config: ml_collections.ConfigDict,
+                         overrides: dict) -> None:
+  """`--config.eval.architectures='(convnet,resnet18)'` as the tuple it means.
+
+  ml_collections reads a tuple override with `ast.literal_eval`, which needs
+  quoted names; unquoted ones arrive as one string, '(convnet,resnet18)'.
+  Such a value is split at its commas (each item a number when it reads as
+  one, else a name), in place in `config` and `overrides`.
+  """
+  import ast  # pylint: disable=g-import-not-at-top
+  for key, value in list(overrides.items()):
+    if not (isinstance(value, tuple) and len(value) == 1 and
+            isinstance(value[0], str)):
+      continue
+    text = value[0].strip()
+    if not (text.startswith(('(', '[')) and text.endswith((')', ']'))):
+      continue
+    items = []
+    for item in text[1:-1].split(','):
+      item = item.strip().strip('\'"')
+      if item:
+        try:
+          items.append(ast.literal_eval(item))
+        except (ValueError, SyntaxError):
+          items.append(item)
+    *path, leaf = key.split('.')
+    node = config
+    for part in path:
+      node = node[part]
+    node[leaf] = overrides[key] = tuple(items)
+
+
+def _refuse_other_backbone_keys(config: ml_collections.ConfigDict,
+                                overrides: dict) -> None:
+  """An override of a backbone section the chosen backbone never reads
+  (`--config.backbone.name=ftd --config.mtt.syn_steps=7`) would be silently
+  unused: refused, naming the key to use."""
+  chosen = backbones.backbone_class(config.backbone.name)
+  sections = set(backbones.default_configs())
+  for key in sorted(overrides):
+    section, _, rest = key.partition('.')
+    if section not in sections or section == chosen.config_key:
+      continue
+    readers = sorted(n for n in backbones.REGISTRY
+                     if backbones.backbone_class(n).config_key == section)
+    mine = f'{chosen.config_key}.{rest}'
+    node, found = config, True
+    for part in mine.split('.'):
+      found = isinstance(node, ml_collections.ConfigDict) and part in node
+      node = node[part] if found else None
+    hint = (f'use --config.{mine}' if found else
+            f'backbone {config.backbone.name} has no such setting (its keys: '
+            f'{chosen.config_key}.*)')
+    raise ConfigError(
+        f'--config.{key} is read only by backbone {"/".join(readers)}, but '
+        f'this run uses backbone.name={config.backbone.name}: {hint}.')
+
+
 def reconcile_overrides(config: ml_collections.ConfigDict, overrides: dict,
                         config_spec: str) -> list[str]:
   """Command-line overrides that would silently change meaning.
@@ -325,6 +409,9 @@ def reconcile_overrides(config: ml_collections.ConfigDict, overrides: dict,
   - `--config.ipc=N`: a table config picks its hyperparameter row from the
     *variant* ipc, so the override would keep another row's values. Refused
     (ConfigError) with the command that picks row N, when the rows differ.
+  - `--config.<section>.<name>=v` of a backbone the run does not use:
+    refused (ConfigError) with the chosen backbone's key.
+  - a tuple of unquoted names, `'(convnet,resnet18)'`: split into names.
   - `--config.<backbone>.<name>=v` where the config's per-subset tuple
     `<backbone>.per_subset.<name>` is set (and not overridden too): the tuple
     would shadow v for SeqMatch. Applied consistently instead: the tuple is
@@ -333,6 +420,8 @@ def reconcile_overrides(config: ml_collections.ConfigDict, overrides: dict,
   Returns one line per adjustment made, for the log.
   """
   notes = []
+  _split_string_tuples(config, overrides)
+  _refuse_other_backbone_keys(config, overrides)
   path, _, arg = config_spec.partition(':')
   ipc = overrides.get('ipc')
   if (isinstance(ipc, int) and ipc >= 1 and path.endswith('.py')

@@ -220,10 +220,13 @@ def restore_or_init(path: str, fresh: DistillState) -> tuple[DistillState, ocp.C
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, fresh)
     state = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as e:
+    # The library's own text (TensorStore / pybind) names C++ internals, not
+    # the fix: the type is enough to tell a damaged file from a missing one.
     raise CheckpointError(
-        f'Distillation checkpoint {path}/{step} cannot be restored '
-        f'({type(e).__name__}: {str(e).splitlines()[0][:200]}). Move it away to '
-        'fall back to the previous one, or start a new workdir.') from e
+        f'Distillation checkpoint {path}/{step} cannot be restored: its files '
+        f'are damaged or incomplete ({type(e).__name__}). Move the folder '
+        f'{path}/{step} away to fall back to the previous checkpoint, or start '
+        'a new workdir.') from e
   return state, mgr
 
 
@@ -337,8 +340,10 @@ def distill_subset(backbone: Backbone, plan: SubsetPlan, source: Source, *,
   return state
 
 
-def check_record(old: dict | None, new: dict, where: str) -> None:
-  """Refuses to continue work made under other settings (naming them)."""
+def check_record(old: dict | None, new: dict, where: str,
+                 redo: str | None = None) -> None:
+  """Refuses to continue work made under other settings (naming them, and
+  `redo`: what to delete to redo it with the new ones; default `where`)."""
   if old is None:
     return
   diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
@@ -347,7 +352,8 @@ def check_record(old: dict | None, new: dict, where: str) -> None:
     raise UserError(
         f'{where} was made with other settings ({changes}). Either restore '
         'them (the per-subset value may come from <backbone>.per_subset.*), or '
-        'use a new --workdir; delete that folder to redo it with the new ones.')
+        f'use a new --workdir, or delete {redo or where} to redo it with the '
+        'new ones.')
 
 
 def read_run_record(ckpt_dir: str) -> dict:

@@ -14,7 +14,6 @@ import sys
 import traceback
 import warnings
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -31,12 +30,25 @@ from seqmatch_jax import pipeline
 from seqmatch_jax.errors import Interrupted, UserError
 from seqmatch_jax.models.networks import check_image_size
 
-FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file, e.g. configs/digits.py or configs/cifar10.py:ipc=50.',
-    lock_config=True)
-flags.DEFINE_string('workdir', None, 'Directory for experts, checkpoints, results.')
-flags.mark_flags_as_required(['config', 'workdir'])
+_CONFIG_HELP = 'Config file, e.g. configs/digits.py or configs/cifar10.py:ipc=50.'
+# absl's logging flags stay available beside ours (--verbosity, --log_dir, ...).
+_LOGGING_FLAGS = ('logtostderr', 'alsologtostderr', 'log_dir', 'verbosity', 'v',
+                  'logger_levels', 'stderrthreshold', 'showprefixforinfo')
+
+
+def _flag_values() -> flags.FlagValues:
+  """A fresh set of the program's flags: every call (every in-process run of
+  the command line) parses its own, so no flag state outlives a run."""
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, _CONFIG_HELP,
+                                  lock_config=True, flag_values=fv)
+  flags.DEFINE_string('workdir', None,
+                      'Directory for experts, checkpoints, results.', flag_values=fv)
+  flags.mark_flags_as_required(['config', 'workdir'], flag_values=fv)
+  for name in _LOGGING_FLAGS:
+    if name in flags.FLAGS and name not in fv:  # 'v' is 'verbosity' too
+      fv[name] = flags.FLAGS[name]
+  return fv
 
 
 def _fail(message: str) -> None:
@@ -94,7 +106,7 @@ def _unknown_override(argv) -> str | None:
                       for i, a in enumerate(argv)
                       if a in ('--config', '-config') or
                       a.startswith(('--config=', '-config=')))
-    config = FLAGS['config'].parser.parse(config_arg)
+    config = _flag_values()['config'].parser.parse(config_arg)
   except Exception:  # pylint: disable=broad-except
     return None
   keys = _flat_keys(config)
@@ -140,16 +152,62 @@ def _load_error(argv, e: BaseException) -> str:
   return f'cannot load the config: {reason}'
 
 
-def _parse_flags(argv):
-  """absl parsing, with flag and config-file errors as one line and exit 2."""
+_OVERRIDE = re.compile(r'-{1,2}(?:no)?config\.([^=]+)(=.*)?$', re.DOTALL)
+
+
+def last_overrides_win(argv: list[str]) -> tuple[list[str], list[str]]:
+  """`argv` with only the last `--config.KEY` override of each key.
+
+  absl lets the last value of a flag win, but ml_collections joins repeated
+  overrides of a tuple key into one tuple (`--config.k='(1,)'
+  --config.k='(2,)'` would run with (1, 2)). Every key behaves the same way
+  here: the last value wins. Returns (argv, one note per repeated key).
+  """
+  spans = []  # (key, first index, number of items)
+  i = 1
+  while i < len(argv):
+    m = _OVERRIDE.match(argv[i])
+    takes_next = (m is not None and m.group(2) is None and i + 1 < len(argv)
+                  and not argv[i + 1].startswith('-')
+                  and not argv[i].lstrip('-').startswith('no'))
+    if m:
+      spans.append((m.group(1), i, 2 if takes_next else 1))
+    i += 2 if takes_next else 1
+  last = {key: start for key, start, _ in spans}
+  drop, notes = set(), []
+  for key, start, n in spans:
+    if last[key] != start:
+      drop.update(range(start, start + n))
+  for key in sorted(k for k in last if sum(s[0] == k for s in spans) > 1):
+    count = sum(s[0] == key for s in spans)
+    notes.append(f'--config.{key} is given {count} times: the last value is '
+                 'used (write a tuple once, e.g. --config.KEY=\'(1,2)\').')
+  return [a for j, a in enumerate(argv) if j not in drop], notes
+
+
+_HELP = ('help', 'helpshort', 'helpfull', '?', 'h')
+
+
+def _parse_flags(argv: list[str]) -> tuple[flags.FlagValues, list[str]]:
+  """(parsed flags, notes for the log); flag and config-file errors end the
+  program with one line and exit 2, --help with the usage and exit 0."""
+  argv, notes = last_overrides_win(list(argv))
+  fv = _flag_values()
+  if any(a.lstrip('-') in _HELP for a in argv[1:]):
+    print(f'{__doc__}\nflags:\n{fv.get_help()}')
+    sys.exit(0)
+  saved = sys.argv
+  sys.argv = argv  # ml_collections finds the --config.* overrides there
   try:
-    return FLAGS(argv)
-  except SystemExit:  # absl's --help exits 1; asking for help is not an error
-    if any(a.lstrip('-') in ('help', 'helpshort', 'helpfull', '?') for a in argv[1:]):
-      sys.exit(0)
-    raise
+    rest = fv(argv)
   except Exception as e:  # pylint: disable=broad-except
     _fail(_load_error(argv, e))
+  finally:
+    sys.argv = saved
+  if len(rest) > 1:
+    _fail(f'unexpected arguments {rest[1:]}; use --config.key=value overrides.')
+  flags.FLAGS.mark_as_parsed()  # absl logging reads its (shared) flags
+  return fv, notes
 
 
 def _drop_async_noise(unraisable) -> None:
@@ -190,29 +248,37 @@ class _QuietLibraries(logging_std.Filter):
     return record.levelno >= logging_std.WARNING or 'orbax' not in record.pathname
 
 
-def main(argv):
-  if len(argv) > 1:
-    _fail(f'unexpected arguments {argv[1:]}; use --config.key=value overrides.')
+def _quiet_logging() -> None:
   logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+    handler.addFilter(_QuietLibraries())
+  logging.use_absl_handler()
   sys.unraisablehook = _drop_async_noise
   warnings.filterwarnings('ignore', message='coroutine .* was never awaited',
                           category=RuntimeWarning)
+
+
+def main(argv: list[str]) -> None:
+  """The command line: parses `argv` (argv[0] is the program), runs, and ends
+  with SystemExit: 0 done, 2 bad input (one `error:` line), 130 stopped."""
+  fv, argv_notes = _parse_flags(argv)
+  _quiet_logging()
   try:
-    config = FLAGS.config
+    config = fv.config
     config.mode  # pylint: disable=pointless-statement  (loading errors surface here)
   except Exception as e:  # pylint: disable=broad-except
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     _fail(f'cannot load the config file: {lines[-1] if lines else type(e).__name__}')
   try:
     notes = config_lib.reconcile_overrides(
-        config, config_flags.get_override_values(FLAGS['config']),
-        FLAGS['config'].config_filename)
-    _preflight(config, FLAGS.workdir)
+        config, config_flags.get_override_values(fv['config']),
+        fv['config'].config_filename)
+    _preflight(config, fv.workdir)
     configuration.validate(config)  # a refused config prints its error alone
-    for note in notes:
+    for note in argv_notes + notes:
       logging.info('%s', note)
-    pipeline.run(config, FLAGS.workdir, exit_on_second_signal=True)
+    pipeline.run(config, fv.workdir, exit_on_second_signal=True)
   except UserError as e:
     _fail(str(e))
   except Interrupted as e:
@@ -225,7 +291,17 @@ def main(argv):
       print(f'process {jax.process_index()} failed; stopping.', file=sys.stderr)
       _exit(1)
     raise
+  sys.exit(0)
+
+
+def run_command_line(argv: list[str]) -> int:
+  """`main(argv)` in this process, returning its exit status (tests, notebooks)."""
+  try:
+    main(list(argv))
+  except SystemExit as e:
+    return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+  return 0
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  main(sys.argv)

@@ -6,7 +6,8 @@ it lands with where the expert went. Their composition is differentiated w.r.t.
 the synthetic pixels and the step size (`meta_gradient`). The unroll is one
 `lax.scan`; with `remat` every step is a `jax.checkpoint`, so memory holds one
 step's activations plus the parameter trajectory instead of every activation
-(flat in `num_steps`; PERF_NOTES.md section 2 found it also the fastest).
+(flat in `num_steps`; BUILD_NOTES.md, "Distillation iteration", measured it
+also the fastest).
 """
 
 from __future__ import annotations

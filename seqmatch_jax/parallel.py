@@ -55,6 +55,10 @@ def maybe_initialize_distributed(mode: str, coordinator_address: str = '',
           f'num_processes (got {num_processes}, {process_id}).')
     explicit = dict(coordinator_address=coordinator_address,
                     num_processes=num_processes, process_id=process_id)
+  # JAX's preemption service installs its own C-level SIGTERM handler when
+  # it starts, which would swallow a SIGTERM meant for our stop flag
+  # (pipeline.StopFlag); stops are agreed by our own collective instead.
+  jax.config.update('jax_enable_preemption_service', False)
   try:
     jax.distributed.initialize(**explicit)
   except (RuntimeError, ValueError) as e:
@@ -253,8 +257,9 @@ def barrier(name: str) -> None:
 
 
 def resolve_model_parallel(mode: str) -> str:
-  """'auto' -> one model after another on CPU (vmap over models loses there,
-  PERF_NOTES.md section 3), vmapped (and sharded over devices) elsewhere."""
+  """'auto' -> one model after another on CPU (vmap over models loses there:
+  BUILD_NOTES.md, "Several devices and processes"), vmapped (and sharded
+  over devices) elsewhere."""
   if mode not in ('auto', 'vmap', 'sequential'):
     raise ConfigError(f'model parallelism must be auto|vmap|sequential, got {mode!r}')
   if mode == 'auto':

@@ -36,7 +36,7 @@ from seqmatch_jax import parallel
 from seqmatch_jax import seqmatch
 from seqmatch_jax import synthetic
 from seqmatch_jax import visualize
-from seqmatch_jax.errors import Interrupted
+from seqmatch_jax.errors import ConfigError, Interrupted
 from seqmatch_jax.models import check_image_size, create_network
 
 
@@ -209,6 +209,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   """
   configuration.validate(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))  # Orbax needs absolute paths
+  stop = StopFlag(exit_on_second=exit_on_second_signal)
+  # Installed before anything slow or distributed: a signal during start-up
+  # (data preparation, jax.distributed's connect) is kept, and honoured at the
+  # first safe point, instead of killing or being swallowed.
+  with stop.installed():
+    return _run_stages(config, workdir, stop)
+
+
+def _run_stages(config, workdir: str, stop: StopFlag) -> dict | None:
   parallel.maybe_initialize_distributed(
       config.parallel.distributed, config.parallel.coordinator_address,
       config.parallel.num_processes, config.parallel.process_id)
@@ -217,6 +226,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   data = prepare_data(config, workdir)
   check_image_size(config.model.name, data.image_shape, config.model.depth)
+  check_data(config, data)
   if config.mode in ('all', 'distill'):
     for tag, cfg in distillation_runs(config):
       seqmatch.check_finished_work(cfg, os.path.join(workdir, tag))
@@ -226,25 +236,49 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                            width=config.model.width, depth=config.model.depth,
                            norm=config.model.norm, conv_impl=config.model.conv_impl)
   key = jax.random.key(config.seed)
-  stop = StopFlag(exit_on_second=exit_on_second_signal)
   writer = _writer(workdir)
   results = None
   try:
-    with stop.installed():
-      needs_experts = backbones.backbone_class(config.backbone.name).needs_experts
-      if config.mode in ('all', 'experts') and needs_experts:
-        train_real_experts(config, workdir, data, network, key, stop, writer)
-      elif config.mode == 'experts':
-        logging.info('backbone %s trains no experts: nothing to do',
-                     config.backbone.name)
-      if config.mode in ('all', 'distill'):
-        distill(config, workdir, data, network, key, stop, writer)
-      if config.mode in ('all', 'evaluate'):
-        results = evaluate(config, workdir, data, key, stop)
+    needs_experts = backbones.backbone_class(config.backbone.name).needs_experts
+    if config.mode in ('all', 'experts') and needs_experts:
+      train_real_experts(config, workdir, data, network, key, stop, writer)
+    elif config.mode == 'experts':
+      logging.info('backbone %s trains no experts: nothing to do',
+                   config.backbone.name)
+    if config.mode in ('all', 'distill'):
+      distill(config, workdir, data, network, key, stop, writer)
+    if config.mode in ('all', 'evaluate'):
+      results = evaluate(config, workdir, data, key, stop)
   finally:
     if writer is not None:
       writer.close()
   return results
+
+
+def check_data(config, data: PreparedData) -> None:
+  """Every condition on the data that a later stage would otherwise find
+  only after hours of expert training: enough real images per class for
+  the initial set and for the random-real baseline."""
+  counts = np.bincount(np.asarray(data.y_train), minlength=data.num_classes)
+  needs = []
+  if config.mode in ('all', 'distill'):
+    need, why = seqmatch.real_images_needed(config)
+    if need:
+      needs.append((need, why))
+  if config.mode in ('all', 'evaluate') and 'random_real' in config.eval.baselines:
+    needs.append((config.ipc, f'the random_real baseline takes ipc={config.ipc}'))
+  for need, why in needs:
+    short = np.flatnonzero(counts < need)
+    if len(short):
+      c = int(short[0])
+      split = (f' after the {config.dataset.val_size} validation images'
+               if config.dataset.val_size else '')
+      raise ConfigError(
+          f'Class {c} has {counts[c]} training images{split}, but {why} '
+          f'({need} per class; {len(short)} class'
+          f'{"es" if len(short) > 1 else ""} short); lower ipc'
+          f'{" or dataset.val_size" if config.dataset.val_size else ""}, or '
+          'use distill.pix_init=noise.')
 
 
 def train_real_experts(config, workdir, data, network, key, stop, writer):
@@ -450,8 +484,13 @@ def evaluate(config, workdir, data: PreparedData, key,
       sets.append((plain, os.path.join(workdir, config.backbone.name,
                                        'synthetic.npz')))
   for name, path in sets:
+    fix = None if config.eval.synthetic else (
+        f'delete it and rerun with --config.mode=all (or distill): it is '
+        f'rebuilt from {os.path.join(os.path.dirname(path), "subsets")} '
+        'without distilling again')
     syn = synthetic.load(path, data.num_classes, data.image_shape,
-                         data.preprocessor, config)
+                         data.preprocessor, config,
+                         **({'fix': fix} if fix else {}))
     lr = syn.lrs if syn.lrs is not None else np.float32(config.eval.lr)
     jobs.append((name, syn.images, syn.labels, lr, syn.subset, None,
                  dict(kind='set', **_file_id(path))))

@@ -136,6 +136,18 @@ def initial_images(key: jax.Array, x_train, y_train, sizes: list[int],
   return np.concatenate(blocks).astype(np.float32)
 
 
+def real_images_needed(config: ml_collections.ConfigDict) -> tuple[int, str]:
+  """(real training images each class must have, why) for the initial set;
+  (0, '') when it starts from noise."""
+  if config.distill.pix_init != 'real':
+    return 0, ''
+  if config.backbone.name == 'idc':
+    f = config.idc.factor
+    return (config.ipc * f * f, f"IDC's mix init takes ipc x factor^2 = "
+            f'{config.ipc} x {f}^2')
+  return config.ipc, f'the initial set takes ipc={config.ipc} distinct images'
+
+
 # Keys whose values define a subset's result; `iterations` may change (a run
 # can be continued for longer), so may checkpointing, remat and the final
 # evaluation's settings (it is recomputed on every run).
@@ -166,19 +178,32 @@ def subset_record(config: ml_collections.ConfigDict,
   return record
 
 
+def redo_hint(root: str, index: int, num_subsets: int) -> str:
+  """What to delete to redo subset `index` (0-based) and the later subsets,
+  which were distilled on top of it."""
+  later = f'_{{{index + 1}..{num_subsets}}}' if index + 1 < num_subsets else \
+      f'_{index + 1}'
+  return (f'{os.path.join(root, "subsets", "subset" + later + ".npz")} and the '
+          f'folders {os.path.join(root, "distill", "subset" + later)} (later '
+          'subsets build on it)')
+
+
 def check_finished_work(config: ml_collections.ConfigDict, root: str) -> None:
   """Before a run starts: every subset already begun or finished under `root`
   must have been made with this config's settings."""
-  for plan in subset_plans(config):
+  plans = subset_plans(config)
+  for plan in plans:
     new = subset_record(config, plan)
+    redo = redo_hint(root, plan.index, len(plans))
     path = os.path.join(root, 'subsets', f'subset_{plan.index + 1}.npz')
     if parallel.agree(os.path.exists(path)):
-      distill_lib.check_record(synthetic.load_subset(path)[3], new, path)
+      distill_lib.check_record(synthetic.load_subset(path)[3], new, path, redo)
     ckpt = os.path.join(root, 'distill', f'subset_{plan.index + 1}')
     if not parallel.agree(os.path.isdir(ckpt) and any(
         name.isdigit() for name in os.listdir(ckpt))):
       continue  # no checkpoint: nothing would be continued
-    distill_lib.check_record(distill_lib.read_run_record(ckpt).get('settings'), new, ckpt)
+    distill_lib.check_record(distill_lib.read_run_record(ckpt).get('settings'),
+                             new, ckpt, redo)
 
 
 @dataclasses.dataclass

@@ -92,7 +92,10 @@ def save(path: str, syn: SyntheticSet, preprocessor, config) -> None:
       preprocessing=np.asarray(preprocessing_tag(config)))
 
 
-def _read_npz(path: str, what: str) -> dict[str, np.ndarray]:
+_USER_FIX = "write one with np.savez(path, images=..., labels=...)"
+
+
+def _read_npz(path: str, what: str, fix: str = _USER_FIX) -> dict[str, np.ndarray]:
   if os.path.isdir(path):
     raise DataError(f'{what} {path} is a directory; give the path of an .npz file.')
   if not os.path.isfile(path):
@@ -108,18 +111,19 @@ def _read_npz(path: str, what: str) -> dict[str, np.ndarray]:
     raise
   except Exception as e:
     raise DataError(f'{path} is not a readable .npz archive ({type(e).__name__}); '
-                    "write one with np.savez(path, images=..., labels=...).") from e
+                    f'{fix}.') from e
 
 
 def load(path: str, num_classes: int, image_shape, preprocessor=None,
-         config=None) -> SyntheticSet:
+         config=None, fix: str = _USER_FIX) -> SyntheticSet:
   """Reads and validates a saved set (ours or a user's npz), in model space.
 
   The stored `images_model` are used when the file's preprocessing tag equals
   this config's (exactly what the run trained on); otherwise the pixels are
   converted with `preprocessor` (e.g. a user's npz, or another dataset seed).
+  `fix`: what to do about an unreadable file (a run's own set is rebuilt).
   """
-  data = _read_npz(path, 'Synthetic set')
+  data = _read_npz(path, 'Synthetic set', fix)
   for k in ('images', 'labels'):
     if k not in data:
       raise DataError(f'{path} lacks {k!r} (needs images (N,H,W,C) in [0,1] and '

@@ -4,7 +4,8 @@ Everything here is a pure function of (params, state, data, key). An epoch is on
 `lax.scan` over minibatches; a whole evaluation schedule (hundreds of epochs on a
 tiny synthetic set) is one `lax.scan` over epochs, so it compiles once and runs
 without returning to Python. Several models train together with `vmap` (fast on
-GPUs) or one after another (faster on CPU, PERF_NOTES.md section 3).
+GPUs) or one after another (faster on CPU: BUILD_NOTES.md, "Several devices
+and processes").
 """
 
 from __future__ import annotations

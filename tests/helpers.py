@@ -11,6 +11,13 @@ from seqmatch_jax import data as data_lib
 from seqmatch_jax.models import create_network
 
 
+def config(name: str, arg: str | None = None):
+  """`configs/<name>.py` with variant `arg` (e.g. 'ipc=2,k=2'), from any
+  working directory."""
+  from seqmatch_jax import config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.load_config(f'configs/{name}.py' + (f':{arg}' if arg else ''))
+
+
 @functools.lru_cache(maxsize=None)
 def digits_model_space(val_size: int = 0):
   ds = data_lib.load_dataset('digits')
@@ -36,3 +43,26 @@ def mtt_plan(network, augment: str = 'flip', index: int = 0, ipc: int = 2,
   config.augment.strategy = augment
   plan = backbones.plan_from_settings(config.mtt, index=index, ipc=ipc, **settings)
   return backbones.create(config, network), plan
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+  """The command line in this process: (exit status, what it printed on
+  stderr). Far cheaper than a subprocess (no second JAX start-up and
+  compilation); the wiring of the real `python -m` entry point is proven by a
+  few subprocess tests."""
+  from seqmatch_jax import main  # pylint: disable=g-import-not-at-top
+  capsys.readouterr()  # drop what earlier output left
+  code = main.run_command_line(['seqmatch_jax.main', *args])
+  return code, capsys.readouterr().err
+
+
+def assert_one_error_line(code: int, stderr: str, phrase: str) -> None:
+  """Exit 2; one `error:` line, the last non-empty one, containing `phrase`;
+  no traceback."""
+  tail = stderr[-3000:]
+  assert code == 2, tail
+  assert 'Traceback' not in stderr, tail
+  lines = [l for l in stderr.splitlines() if l.strip()]
+  assert sum('error:' in l for l in lines) == 1, tail
+  assert lines[-1].startswith('error: '), tail
+  assert phrase in lines[-1], tail

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import digits
 from seqmatch_jax import analysis
 from seqmatch_jax import analyze
 from seqmatch_jax import training
@@ -77,7 +76,7 @@ def test_split_by_norm_and_restage():
 
 
 def _tiny_config():
-  c = digits.get_config()
+  c = helpers.config('digits')
   c.model.width = 8
   c.model.depth = 2
   c.augment.strategy = ''  # no DSA: a cheaper compile

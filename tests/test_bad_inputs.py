@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from seqmatch_jax import config_lib
 from seqmatch_jax import data
 from seqmatch_jax.errors import ConfigError, DataError
 from seqmatch_jax.models.networks import check_image_size
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = '--config=configs/digits.py'
@@ -221,7 +223,11 @@ def test_truncated_orbax_step_is_one_line_without_async_noise(tmp_path):
       with open(f, 'r+b') as fh:
         fh.truncate(5)
   r = run_main(*tiny, '--config.mode=distill')
-  assert_one_error_line(r, 'cannot be restored')
+  # The error names the fix, not TensorStore's or pybind's own text.
+  assert_one_error_line(r, 'cannot be restored: its files are damaged or '
+                        'incomplete (')
+  assert re.search(r'incomplete \(\w+\)\. Move the folder \S+/2 away',
+                   r.stderr.splitlines()[-1]), r.stderr[-1000:]
   assert 'coroutine' not in r.stderr and 'Event loop' not in r.stderr
 
 
@@ -352,9 +358,8 @@ def test_changed_meaning_fails_with_one_line(tmp_path, make_args, phrase):
 def test_rerun_with_other_hyperparameters_is_refused_and_keeps_config(tmp_path):
   """A finished subset made under other settings is never silently reused,
   and the refused run leaves the earlier config.json alone."""
-  from configs import digits
   from seqmatch_jax import seqmatch, synthetic
-  config = digits.get_config()
+  config = helpers.config('digits')
   plan = seqmatch.subset_plans(config)[0]
   record = seqmatch.subset_record(config, plan)
   record['mtt.syn_steps'] = 99  # what the earlier run used
@@ -366,24 +371,25 @@ def test_rerun_with_other_hyperparameters_is_refused_and_keeps_config(tmp_path):
   r = run_main(DIGITS, '--config.mode=distill', f'--workdir={run}')
   assert_one_error_line(r, 'mtt.syn_steps: 99 -> 20')
   assert 'new --workdir' in r.stderr
+  # It names what to delete: this subset and the later ones built on it.
+  assert f'delete {run}/subsets/subset_{{1..2}}.npz and the folders ' \
+      f'{run}/distill/subset_{{1..2}}' in r.stderr
   assert (run / 'config.json').read_text() == '{"earlier": true}'
 
 
 def test_scalar_override_replaces_the_per_subset_tuple():
-  from configs import digits
-  config = digits.get_config()
+  config = helpers.config('digits')
   notes = config_lib.reconcile_overrides(
       config, {'mtt.lr_img': 500.0}, os.path.join(ROOT, 'configs', 'digits.py'))
   assert tuple(config.mtt.per_subset.lr_img) == () and 'every subset' in notes[0]
-  kept = digits.get_config()
+  kept = helpers.config('digits')
   assert config_lib.reconcile_overrides(
       kept, {'mtt.lr_img': 500.0, 'mtt.per_subset.lr_img': (1.0, 2.0)},
       'configs/digits.py') == []
 
 
 def test_ipc_override_within_a_row_is_allowed():
-  from configs import digits
-  config = digits.get_config()
+  config = helpers.config('digits')
   assert config_lib.reconcile_overrides(
       config, {'ipc': 12}, os.path.join(ROOT, 'configs', 'digits.py')) == []
 
@@ -391,11 +397,90 @@ def test_ipc_override_within_a_row_is_allowed():
 def test_model_space_is_reused_across_seeds_without_zca(tmp_path):
   """mode=evaluate on a set saved under another seed uses its exact
   model-space images: without ZCA the preprocessing does not depend on it."""
-  from configs import digits
   from seqmatch_jax import synthetic
-  saved, now = digits.get_config(), digits.get_config()
+  saved, now = helpers.config('digits'), helpers.config('digits')
   now.seed = 7
   tag = synthetic.preprocessing_tag(saved)
   assert synthetic.same_preprocessing(tag, now)
   saved.dataset.zca = now.dataset.zca = True
   assert not synthetic.same_preprocessing(synthetic.preprocessing_tag(saved), now)
+
+
+# -- issue 24: the last silent changes of meaning, late errors ---------------
+# In-process runs of the command line (helpers.run_cli): each ends before any
+# training.
+
+def test_repeated_tuple_key_takes_the_last_value(capsys, tmp_path):
+  """ml_collections would join the two into (100.0, 5.0, -1.0): 3 entries for
+  2 subsets. The last value wins, as for every other key."""
+  code, err = helpers.run_cli(
+      capsys, DIGITS, f'--workdir={tmp_path}',
+      '--config.mtt.per_subset.lr_img=(100.0,)',
+      '--config.mtt.per_subset.lr_img=(5.0,-1.0)')
+  helpers.assert_one_error_line(code, err, 'lr_img of subset 2 must be positive, '
+                                'got -1.0')
+
+
+@pytest.mark.parametrize('args, phrase', [
+    (['--config.backbone.name=ftd', '--config.experts.optimizer=gsam',
+      '--config.mtt.syn_steps=7'], 'use --config.ftd.syn_steps'),
+    (['--config.backbone.name=idc', '--config.dm.iterations=7'],
+     'use --config.idc.iterations'),
+    (['--config.backbone.name=dm', '--config.idc.metric=l1'],
+     'backbone dm has no such setting'),
+])
+def test_another_backbones_key_is_refused(capsys, tmp_path, args, phrase):
+  code, err = helpers.run_cli(capsys, DIGITS, f'--workdir={tmp_path}', *args)
+  helpers.assert_one_error_line(code, err, phrase)
+
+
+def test_unquoted_string_tuple_is_split(capsys, tmp_path):
+  code, err = helpers.run_cli(capsys, DIGITS, f'--workdir={tmp_path}',
+                              '--config.eval.architectures=(convnet,resnet18x)')
+  helpers.assert_one_error_line(code, err, "Unknown architecture 'resnet18x'")
+  config = helpers.config('digits')
+  overrides = {'eval.architectures': ('(convnet, alexnet)',),
+               'eval.baselines': ('whole',)}
+  config_lib.reconcile_overrides(config, overrides, 'configs/digits.py')
+  assert config.eval.architectures == ('convnet', 'alexnet')
+  assert overrides['eval.baselines'] == ('whole',)  # a proper tuple stays
+
+
+def _npz_dataset(tmp, y_train, y_test=(0, 1, 0, 1)) -> str:
+  rng = np.random.default_rng(0)
+  path = str(tmp / 'data.npz')
+  np.savez(path, x_train=rng.integers(0, 255, (len(y_train), 8, 8, 1), np.uint8),
+           y_train=np.asarray(y_train),
+           x_test=rng.integers(0, 255, (len(y_test), 8, 8, 1), np.uint8),
+           y_test=np.asarray(y_test))
+  return path
+
+
+def test_too_few_images_for_ipc_before_any_expert(capsys, tmp_path):
+  path = _npz_dataset(tmp_path, [0] * 10 + [1])
+  code, err = helpers.run_cli(
+      capsys, f'{DIGITS}:ipc=2', f'--workdir={tmp_path / "run"}',
+      '--config.dataset.name=npz', f'--config.dataset.data_dir={path}',
+      '--config.dataset.val_size=0')
+  helpers.assert_one_error_line(
+      code, err, 'Class 1 has 1 training images, but the initial set takes ipc=2')
+  assert not (tmp_path / 'run' / 'experts').exists()
+
+
+def test_stray_label_names_the_label_not_every_empty_class(capsys, tmp_path):
+  path = _npz_dataset(tmp_path, [0] * 5 + [1] * 5 + [9])
+  code, err = helpers.run_cli(
+      capsys, DIGITS, f'--workdir={tmp_path / "run"}',
+      '--config.dataset.name=npz', f'--config.dataset.data_dir={path}',
+      '--config.dataset.val_size=0')
+  helpers.assert_one_error_line(code, err, 'the labels 9 leave 7 classes from 2 on')
+
+
+def test_damaged_own_synthetic_set_says_it_is_rebuilt(capsys, tmp_path):
+  (tmp_path / 'run').mkdir()
+  (tmp_path / 'run' / 'synthetic.npz').write_bytes(b'PK\x03\x04 truncated')
+  code, err = helpers.run_cli(capsys, DIGITS, f'--workdir={tmp_path / "run"}',
+                              '--config.mode=evaluate')
+  helpers.assert_one_error_line(
+      code, err, f'delete it and rerun with --config.mode=all (or distill): it '
+      f'is rebuilt from {tmp_path / "run" / "subsets"}')

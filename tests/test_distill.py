@@ -79,9 +79,8 @@ def test_kill_and_resume_is_bitwise_identical(store, tmp_path):
 def _val_evaluator(should_stop=None):
   """The in-run validation evaluation (as seqmatch._val_evaluator builds it),
   two models one by one, polling `should_stop` before each."""
-  from configs import digits  # pylint: disable=g-import-not-at-top
   from seqmatch_jax import evaluate  # pylint: disable=g-import-not-at-top
-  c = digits.get_config()
+  c = helpers.config('digits')
   c.model.width = 8
   c.augment.strategy = 'flip'
   c.eval.parallel = 'sequential'

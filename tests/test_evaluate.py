@@ -5,14 +5,13 @@ import jax
 import numpy as np
 import pytest
 
-from configs import digits
 from seqmatch_jax import evaluate, synthetic
 from seqmatch_jax.errors import DataError
 from tests import helpers
 
 
 def _config(**eval_kw):
-  c = digits.get_config()
+  c = helpers.config('digits')
   c.model.width = 16
   c.model.depth = 2
   c.eval.num_models = 2
@@ -111,7 +110,7 @@ def test_final_evaluation_stops_between_models_and_resumes_exactly(tmp_path):
   protocol does not reuse them."""
   from seqmatch_jax import pipeline  # pylint: disable=g-import-not-at-top
   from seqmatch_jax.errors import Interrupted  # pylint: disable=g-import-not-at-top
-  c = digits.get_config()
+  c = helpers.config('digits')
   c.model.width = 8
   c.eval.num_models = 3
   c.eval.epochs = 6

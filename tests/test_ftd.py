@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import digits
 from seqmatch_jax import backbones, config_lib, configuration, distill
 from seqmatch_jax import experts as experts_lib
 from seqmatch_jax import pipeline, synthetic, training
@@ -179,7 +178,7 @@ def test_expert_metadata_records_the_optimizer(gsam_experts, tmp_path):
 
 
 def _ftd_config():
-  c = digits.get_config('k=1')
+  c = helpers.config('digits', 'k=1')
   config_lib.apply_settings(c, {
       'backbone.name': 'ftd', 'experts.optimizer': 'gsam', 'ipc': 2,
       'model.width': 8, 'augment.strategy': 'flip', 'distill.checkpoint_every': 2,
@@ -264,14 +263,13 @@ def test_kept_version_names_the_better_mean():
 
 
 def test_ftd_rows_follow_table_7():
-  from configs import cifar10, cifar100, tiny_imagenet
-  c = cifar10.get_config('ipc=1')
+  c = helpers.config('cifar10', 'ipc=1')
   assert (c.ftd.syn_steps, c.ftd.lr_lr, c.ftd.ema_decay, c.experts.alpha) == (
       50, 1e-7, 0.9999, 0.3)
-  c = cifar10.get_config('ipc=50')
+  c = helpers.config('cifar10', 'ipc=50')
   assert (c.ftd.lr_img, c.ftd.lr_teacher, c.experts.alpha) == (1000.0, 0.01, 1.0)
   assert c.mtt.lr_teacher == 0.01 and c.mtt.lr_img == 100.0  # mtt rows kept
-  c = cifar100.get_config('ipc=50')
+  c = helpers.config('cifar100', 'ipc=50')
   assert (c.ftd.batch_syn, c.ftd.syn_steps, c.ftd.ema_decay) == (1000, 80, 0.999)
-  c = tiny_imagenet.get_config('ipc=10')
+  c = helpers.config('tiny_imagenet', 'ipc=10')
   assert (c.ftd.batch_syn, c.experts.alpha, c.mtt.batch_syn) == (500, 1.0, 100)

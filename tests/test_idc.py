@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import digits
 from seqmatch_jax import augment, backbones, config_lib, distill, evaluate
 from seqmatch_jax import seqmatch, training
 from seqmatch_jax.backbones import idc
@@ -142,7 +141,7 @@ def test_idc_protocol_is_the_backbones():
 # -- the step ---------------------------------------------------------------------
 
 def _config(name: str = 'idc', k: int = 2, **settings):
-  c = digits.get_config(f'ipc=2,k={k},backbone={name}')
+  c = helpers.config('digits', f'ipc=2,k={k},backbone={name}')
   config_lib.apply_settings(c, {
       'model.width': 8, 'augment.strategy': 'flip', 'distill.checkpoint_every': 2,
       'distill.eval_every': 0, 'idc.iterations': 3, 'idc.per_subset.iterations': (),
@@ -350,25 +349,24 @@ def test_distill_all_freezes_subsets_decodes_and_resumes_bitwise(tmp_path):
 
 
 def test_config_rows_and_checks():
-  c = digits.get_config('ipc=10,backbone=idc')
+  c = helpers.config('digits', 'ipc=10,backbone=idc')
   assert c.backbone.name == 'idc' and c.seqmatch.num_subsets == 2
-  from configs import cifar10
-  paper = cifar10.get_config('ipc=50,backbone=idc')
-  official = cifar10.get_config('ipc=50,backbone=idc,k=2')
+  paper = helpers.config('cifar10', 'ipc=50,backbone=idc')
+  official = helpers.config('cifar10', 'ipc=50,backbone=idc,k=2')
   assert paper.seqmatch.num_subsets == 3 and not paper.dataset.zca
   assert official.idc.per_subset.inner_loop == (50, 100)
   assert official.idc.per_subset.iterations == (4000, 4000)
   from seqmatch_jax import configuration
   for c in (paper, official):
     configuration.validate(c)
-  bad = cifar10.get_config('ipc=50')
+  bad = helpers.config('cifar10', 'ipc=50')
   bad.backbone.name = 'idc'
   with pytest.raises(ConfigError, match='backbone=idc'):
     configuration.validate(bad)
   for key, value, match in [('batch_real', 0, 'positive'), ('metric', 'l2', 'mse|l1|cos'),
                             ('mix_p', 2.0, r'\[0, 1\]'), ('aug_net', 'blur', 'blur'),
                             ('inner_loop', 0, 'inner_loop')]:
-    c = digits.get_config('backbone=idc')
+    c = helpers.config('digits', 'backbone=idc')
     c.idc[key] = value
     with pytest.raises(ConfigError, match=match):
       configuration.validate(c)

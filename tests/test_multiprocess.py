@@ -18,13 +18,22 @@ RUN = [*TINY, '--config.seqmatch.compare_backbone=False',
 ENV = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='', DEVICES='2')
 
 
+def _ignore_sigint():
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _launch(workdir):
   # Its own process group, as a shell gives a foreground job: Ctrl-C is then
-  # os.killpg(group, SIGINT).
+  # os.killpg(group, SIGINT). Started with SIGINT ignored, as every background
+  # job of a non-interactive shell is (a suite run with `pytest &`, nohup, a
+  # CI runner): the launcher must still turn Ctrl-C into a clean stop (bash
+  # cannot trap a signal ignored at entry; it re-execs itself with SIGINT
+  # restored).
   return subprocess.Popen(
       ['bash', 'launch/local_processes.sh', '2', CONFIG, workdir,
        *RUN], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-      stderr=subprocess.DEVNULL, start_new_session=True)
+      stderr=subprocess.DEVNULL, start_new_session=True,
+      preexec_fn=_ignore_sigint)
 
 
 def _logs(workdir, tail: int = 2500) -> str:
@@ -71,3 +80,28 @@ def test_two_processes_stop_resume_equal_one_process(tmp_path):
     np.testing.assert_allclose(a['images_model'], b['images_model'], rtol=1e-4,
                                atol=1e-5)
     np.testing.assert_allclose(a['lr'], b['lr'], rtol=1e-4)
+
+
+def test_sigterm_while_jax_distributed_starts_is_a_clean_stop(tmp_path):
+  """A SIGTERM right after jax.distributed connects (JAX's preemption service
+  would install its own SIGTERM handler there and swallow it) stops the run
+  at its first safe point with exit 130, instead of being lost."""
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  log = tmp_path / 'log'
+  with open(log, 'w') as out:
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'seqmatch_jax.main', f'--config={CONFIG}',
+         f'--workdir={tmp_path / "run"}', *RUN, '--config.mode=experts',
+         f'--config.parallel.coordinator_address=localhost:{port}',
+         '--config.parallel.num_processes=1', '--config.parallel.process_id=0'],
+        cwd=ROOT, env=dict(ENV, XLA_FLAGS=''), stdout=out, stderr=out)
+    deadline = time.time() + 300
+    while 'jax.distributed: process 0 of 1' not in log.read_text():
+      assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+      time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
+  assert 'finishing the current step' in log.read_text()

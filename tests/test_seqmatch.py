@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import digits
 from seqmatch_jax import distill, evaluate, experts, matching, seqmatch
 from seqmatch_jax import backbones
 from seqmatch_jax.backbones import mtt
@@ -27,7 +26,7 @@ def test_subset_sizes():
 
 
 def test_schedule_takes_per_subset_lists():
-  c = digits.get_config()
+  c = helpers.config('digits')
   c.mtt.per_subset.syn_steps = (30, 80)
   plans = seqmatch.subset_plans(c)
   assert [p.syn_steps for p in plans] == [30, 80]
@@ -85,7 +84,7 @@ def _ctx(tmp_path, config, key=0):
 
 
 def _tiny_config(k):
-  c = digits.get_config(f'k={k}')
+  c = helpers.config('digits', f'k={k}')
   c.ipc = 2
   c.augment.strategy = 'flip'
   c.experts.num = 2

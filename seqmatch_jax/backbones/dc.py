@@ -7,7 +7,7 @@ class's synthetic images are compared with the "sum over output channels of
 1 - cosine" distance on every conv and fc weight (biases and norm parameters
 skipped); the images take one SGD(0.1, momentum 0.5) step on the loss summed
 over classes; then, except after the last, the network trains `inner_loop`
-epochs on the synthetic set (BACKBONES.md section 4). DSA is the same with
+epochs on the synthetic set (official code: VICO-UoE/DatasetCondensation `main.py`, `utils.py`). DSA is the same with
 one siamese DSA transform per class shared by the real and synthetic batch
 (and per-sample DSA while the network trains). Under SeqMatch the frozen
 earlier subsets are part of every synthetic gradient and of the network's

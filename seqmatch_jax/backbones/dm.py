@@ -5,7 +5,7 @@ it) and matches, per class, the mean embedding (the flattened features the
 classifier would read) of a real batch and of the class's synthetic images,
 both under one siamese DSA transform; the loss is the squared distance summed
 over classes and the images take one SGD(1.0, momentum 0.5) step on it
-(BACKBONES.md section 5). Under SeqMatch the frozen earlier subsets are part
+(official code: VICO-UoE/DatasetCondensation `main_DM.py`). Under SeqMatch the frozen earlier subsets are part
 of every class mean; nothing else changes between subsets.
 """
 

@@ -1,6 +1,7 @@
 """FTD: flat trajectory distillation (Du et al., CVPR 2023) as a backbone.
 
-FTD is MTT with two changes (../shared/BACKBONES.md section 3):
+FTD is MTT with two changes (official code: AngusDujw/FTD-distillation
+`buffer/buffer_FTD.py`, `distill/distill_FTD.py`):
   * its experts are trained with GSAM, a sharpness-aware optimiser, so the
     trajectories the student matches run through flat regions
     (`experts.optimizer=gsam`, training.gsam_direction);

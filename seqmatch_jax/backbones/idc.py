@@ -1,5 +1,7 @@
 """IDC (Kim et al., ICML 2022): gradient matching on multi-formation images,
-and SeqMatch-IDC, as a backbone (BACKBONES.md sections 0-2).
+and SeqMatch-IDC, as a backbone (official code: snu-mllab/Efficient-Dataset-
+Condensation `condense.py`, `train.py`; SeqMatch-IDC: shqii1j/seqmatch
+`seqmatch-idc/condense_new.py`).
 
 Stored images live in pixel space [0, 1]; each holds factor x factor tiles
 that decode (bilinear upsampling, crop-major) into factor^2 training images of

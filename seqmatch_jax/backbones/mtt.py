@@ -5,7 +5,8 @@ trained on real data; the loss unrolls a student from θ_t on the synthetic
 set for N steps with a learnable step size and compares where it lands with
 θ_{t+M} (matching.py). Under SeqMatch, subset k >= 2 matches its own experts,
 which start from networks already trained in stages on S_1..S_{k-1}
-(Algorithm 1 line 9, as the official code realises it, REFERENCE.md).
+(Algorithm 1 line 9, as the official code, shqii1j/seqmatch `seqmatch-mtt/`,
+realises it).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class MTT(base.Backbone):
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:
-    """The MTT reference defaults (REFERENCE.md)."""
+    """The defaults of the official MTT code (GeorgeCazenavette/mtt-distillation
+    `distill.py`)."""
     c = ml_collections.ConfigDict()
     c.iterations = 5000
     c.syn_steps = 20  # N

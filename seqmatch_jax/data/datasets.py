@@ -496,6 +496,13 @@ def _filtered_split(source, wanted: dict[int, int], size: int,
   return np.concatenate(images), np.asarray(labels, np.int32)
 
 
+def _few(values, limit: int = 8) -> str:
+  """`values` for an error line: at most `limit` of them."""
+  values = [int(v) for v in values]
+  more = f' (+{len(values) - limit} more)' if len(values) > limit else ''
+  return ', '.join(map(str, values[:limit])) + more
+
+
 def _check_all_classes(name: str, y: np.ndarray, num_classes: int,
                        where: str, fix: str) -> None:
   """Distillation starts every class from its real images: none may be empty."""
@@ -839,10 +846,25 @@ def load_npz(data_dir: str | None) -> Dataset:
   num_classes = len(names) if names is not None else int(
       max(y_tr.max(), y_te.max())) + 1
   for key, y in (('y_train', y_tr), ('y_test', y_te)):
-    if y.min() < 0 or y.max() >= num_classes:
-      raise DataError(f'{path}: {key} has labels in [{y.min()}, {y.max()}] '
-                      f'but must lie in 0..{num_classes - 1}'
-                      + (' (one per class_names entry)' if names else ''))
+    bad = np.unique(y[(y < 0) | (y >= num_classes)])
+    if len(bad):
+      raise DataError(
+          f'{path}: {key} holds the labels {_few(bad)}, outside '
+          f'0..{num_classes - 1}' + (' (one per class_names entry); relabel '
+                                     'them or add their class_names' if names
+                                     else '; relabel them to ids 0..C-1'))
+  # Without class_names the classes are 0..max: a stray large label leaves a
+  # gap of empty classes. Name the labels past the gap, not every empty class.
+  present = set(np.unique(y_tr).tolist())
+  gap = min(set(range(num_classes)) - present, default=None)
+  if names is None and gap is not None:
+    stray = np.unique(np.concatenate([y_tr, y_te]))
+    stray = stray[stray > gap]
+    empty = num_classes - len(present)
+    raise DataError(f'{path}: the labels {_few(stray)} leave {empty} '
+                    f'class{"es" if empty > 1 else ""} from {gap} on without '
+                    'training images; labels must be consecutive ids 0..C-1: '
+                    'relabel them (or save class_names)')
   _check_all_classes(path, y_tr, num_classes, 'y_train',
                      'relabel to consecutive ids 0..C-1 or add images')
   if names is None:
