@@ -41,20 +41,26 @@ def measure(args: dict) -> dict:
   x = rng.normal(size=(10 * per_class,) + shape).astype(np.float32)
   y = np.repeat(np.arange(10), per_class).astype(np.int32)
   ctx = seqmatch.Context(
-      config=config, workdir='', network=net, x_train=jax.numpy.asarray(x),
+      workdir='', network=net, x_train=jax.numpy.asarray(x),
       y_train=jax.numpy.asarray(y), x_test=None, y_test=None, x_val=None, y_val=None,
       num_classes=10, experts_dir='', expert_metadata={}, key=jax.random.key(0),
       preprocessor=Preprocessor(mean=np.full(shape[-1], 0.5, np.float32),
                                 std=np.full(shape[-1], 0.25, np.float32)))
   backbone = backbones.create(config, net)
-  plan = seqmatch.subset_plans(config)[0]
-  images = jax.numpy.asarray(backbone.initial_images(jax.random.key(1), ctx, [ipc]))
-  labels = jax.numpy.asarray(seqmatch.subset_layout([ipc], 10)[0])
-  done = backbones.base.Done(images[:0], labels[:0], labels[:0], [])
+  plan = seqmatch.subset_plans(config, shape)[0]
+  images = seqmatch.initial_images(jax.random.key(1), x, y, [ipc], 10, 'real',
+                                   plan.run.param, ctx.preprocessor.to_pixels)
+  labels = seqmatch.subset_layout([ipc], 10)[0]
+  done = backbones.Done(images[:0], labels[:0], labels[:0], [])
   source = backbone.prepare(ctx, plan, done)
-  step = distill.make_distill_step(backbone, plan, trajectories=1)
-  state = distill.init_state(backbone, plan, images, jax.random.key(2))
-  call = (state, images[:0], labels, source.sample(0, 1), source.data)
+  trainable, optimizers = backbone.init(plan, source, images, labels)
+  layout = backbones.Layout(labels, np.zeros(len(labels), np.int32), 10)
+  step = distill.make_distill_step(backbone, plan, optimizers, layout,
+                                   trajectories=1)
+  state = distill.init_state(trainable, optimizers, jax.random.key(2))
+  frozen = dict(images=jax.numpy.asarray(images[:0]),
+                labels=jax.numpy.asarray(labels[:0]))
+  call = (state, frozen, source.sample(0, 1), source.data)
   t0 = time.time()
   compiled = step.lower(*call).compile()
   compile_s = time.time() - t0
@@ -62,7 +68,7 @@ def measure(args: dict) -> dict:
   for _ in range(args.get('reps', 2)):
     t0 = time.time()
     state, metrics = compiled(*call)
-    jax.block_until_ready(state.images)
+    jax.block_until_ready(state.trainable['images'])
     times.append(time.time() - t0)
     call = (state,) + call[1:]
   med = statistics.median(times)

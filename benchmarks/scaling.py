@@ -27,7 +27,7 @@ def measure(args: dict) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
   import numpy as np
-  from seqmatch_jax import backbones, config_lib, distill, parallel
+  from seqmatch_jax import backbones, config_lib, distill, parallel, seqmatch
   from seqmatch_jax.models import create_network
   from benchmarks import common
 
@@ -47,25 +47,27 @@ def measure(args: dict) -> dict:
   config = config_lib.base_config()
   config.augment.strategy = args['augment']
   backbone = backbones.create(config, net)
-  plan = backbones.plan_from_settings(
-      config.mtt, ipc=10, iterations=1, lr_img=100.0, syn_steps=args['steps'],
+  plan = seqmatch.single_plan(
+      config, ipc=10, iterations=1, lr_img=100.0, syn_steps=args['steps'],
       expert_epochs=2, max_start_epoch=1, batch_syn=100, remat=True)
   mesh = parallel.make_mesh(d) if d > 1 else None
-  step = distill.make_distill_step(backbone, plan, trajectories=d, mesh=mesh)
+  trainable, optimizers = backbone.init(plan, None, images, labels)
+  layout = backbones.Layout(np.asarray(labels), np.zeros(100, np.int32), 10)
+  step = distill.make_distill_step(backbone, plan, optimizers, layout,
+                                   trajectories=d, mesh=mesh)
   state = parallel.replicate(
-      distill.init_state(backbone, plan, images, jax.random.key(2)), mesh)
-  empty = parallel.replicate(images[:0], mesh)
-  labels = parallel.replicate(labels, mesh)
+      distill.init_state(trainable, optimizers, jax.random.key(2)), mesh)
+  empty = parallel.replicate(dict(images=images[:0], labels=labels[:0]), mesh)
   if mesh is not None:  # each process holds only its devices' trajectories
     host = jax.tree.map(np.asarray, (starts, targets))
     starts, targets = parallel.shard_from_loader(
         d, mesh, lambda rows: jax.tree.map(lambda a: a[rows], host))
-  state, m = step(state, empty, labels, (starts, targets), None)
+  state, m = step(state, empty, (starts, targets), None)
   jax.block_until_ready(m)
   times = []
   for _ in range(args['reps']):
     t0 = time.time()
-    state, m = step(state, empty, labels, (starts, targets), None)
+    state, m = step(state, empty, (starts, targets), None)
     jax.block_until_ready(m)
     times.append(time.time() - t0)
   med = statistics.median(times)

@@ -52,9 +52,9 @@ from seqmatch_jax.errors import DataError
 from seqmatch_jax.errors import UserError
 from seqmatch_jax.evaluate import evaluate_synthetic
 from seqmatch_jax.synthetic import load as load_synthetic
-from seqmatch_jax.evaluate import network_for
-from seqmatch_jax.evaluate import protocol_from_config
 from seqmatch_jax.evaluate import stage_sets
+from seqmatch_jax.pipeline import evaluation_protocol
+from seqmatch_jax.pipeline import network_for
 from seqmatch_jax.pipeline import prepare_data
 from seqmatch_jax.pipeline import PreparedData
 
@@ -179,7 +179,7 @@ def loss_analysis(config, data: PreparedData, sets: Sequence[LoadedSet],
   the joint easy/hard split (k-means on all sets' curves side by side, so one
   partition of the real data serves every set) and each set's own split."""
   network = network_for(config, config.model.name, data.num_classes, data.image_shape)
-  spec = protocol_from_config(config).sgd()
+  spec = evaluation_protocol(config).sgd()
   x_real, y_real, idx, subsampled = real_instances(data, max_instances, seed)
   curves, stage_epochs = {}, {}
   for s in sets:
@@ -295,6 +295,9 @@ def coupling_analysis(config, data: PreparedData, sets: Sequence[LoadedSet],
   r_net = network_for(xla, config.model.name, data.num_classes, data.image_shape)
   d, exact, check_cols = _r_norm_setup(data.image_shape, r_max_dims, r_columns)
   epochs = epochs or config.eval.epochs
+  train_net = network_for(config, config.model.name, data.num_classes,
+                          data.image_shape)
+  protocol = dataclasses.replace(evaluation_protocol(config), epochs=epochs)
   out = dict(r_norm=dict(method='exact (forward-over-reverse, all input dimensions)'
                          if exact else f'estimator ({r_columns} of {d} input '
                          'dimensions sampled, scaled by d/m; unbiased)',
@@ -323,10 +326,10 @@ def coupling_analysis(config, data: PreparedData, sets: Sequence[LoadedSet],
       accs = {}
       for half, mask in (('plus', plus), ('minus', minus)):
         subset, lrs = analysis.restage(s.subset, mask, s.lrs)
-        r = evaluate_synthetic(s.images[mask], s.labels[mask], lrs, config, k_train,
-                               x_eval=data.x_test, y_eval=data.y_test,
-                               num_classes=data.num_classes, subset=subset,
-                               num_models=models, epochs=epochs)
+        r = evaluate_synthetic(s.images[mask], s.labels[mask], lrs, train_net,
+                               protocol, k_train, x_eval=data.x_test,
+                               y_eval=data.y_test, subset=subset,
+                               num_models=models)
         accs[half] = r['mean']
       points.append(dict(
           init=i, norm_diff=float(norms[plus].mean() - norms[minus].mean()),
@@ -436,12 +439,15 @@ def k_search(config, root: str, key: jax.Array, *, models: int, epochs: int,
   out = dict(split='validation', val_size=int(data.x_val.shape[0]),
              models=models or config.eval.num_models,
              epochs=epochs or config.eval.epochs, runs={})
+  network = network_for(config, config.model.name, data.num_classes,
+                        data.image_shape)
+  protocol = dataclasses.replace(evaluation_protocol(config),
+                                 epochs=epochs or config.eval.epochs)
   for k, path in sorted(runs):
     s = load_set(f'K={k}', path, data, config)
-    r = evaluate_synthetic(s.images, s.labels, s.lrs, config, key,
-                           x_eval=data.x_val, y_eval=data.y_val,
-                           num_classes=data.num_classes, subset=s.subset,
-                           num_models=models or None, epochs=epochs or None)
+    r = evaluate_synthetic(s.images, s.labels, s.lrs, network, protocol, key,
+                           x_eval=data.x_val, y_eval=data.y_val, subset=s.subset,
+                           num_models=models or config.eval.num_models)
     out['runs'][str(k)] = dict(path=path, mean=r['mean'], std=r['std'],
                                per_model=r['per_model'],
                                stages=[st['mean'] for st in r['stages']],

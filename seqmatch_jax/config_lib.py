@@ -60,6 +60,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.backbone = ml_collections.ConfigDict()
   c.backbone.name = 'mtt'  # mtt | ftd | dm | dc | dsa | idc (backbones.REGISTRY)
+  # How stored images decode into training images (parameterization.py), for
+  # any backbone: 'auto' = the backbone's own (IDC: multi-formation, factor
+  # 2; the others: identity) | identity | multiformation. factor 0 = that
+  # parameterisation's default.
+  c.param = ml_collections.ConfigDict()
+  c.param.name = 'auto'
+  c.param.factor = 0
   # One sub-dict per backbone (c.mtt, c.ftd, c.dm, c.dc, c.idc; DSA reads c.dc), each with
   # its scalars and a `per_subset` dict of SeqMatch's per-subset tuples.
   for key, defaults in backbones.default_configs().items():

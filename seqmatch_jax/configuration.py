@@ -78,15 +78,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.distill.pix_init not in ('real', 'noise'):
     raise ConfigError(f"distill.pix_init must be real|noise, got "
                       f"{config.distill.pix_init!r}.")
-  # The backbone checks its own settings, on the per-subset plans (which
-  # also checks K, the subset sizes and the per-subset tuples).
-  backbone = backbones.backbone_class(config.backbone.name)
-  backbone.validate(config, seqmatch.subset_plans(config))
+  # The method checks its own settings on the per-subset plans it builds
+  # (which also checks K, the subset sizes and the per-subset tuples).
+  backbones.backbone_class(config.backbone.name)  # a clear error if unknown
+  try:
+    shape = data.peek_image_shape(config.dataset.name, config.dataset.data_dir or None)
+  except Exception:  # pylint: disable=broad-except
+    shape = None  # the data loader reports its own problems later
+  seqmatch.subset_plans(config, shape)
   if config.seqmatch.compare_backbone and config.seqmatch.num_subsets > 1:
     # The plain-backbone comparison reads the scalars the per-subset tuples
     # override: a bad scalar must not wait until that run starts.
     plain = config_lib.clear_subsets(ml_collections.ConfigDict(config.to_dict()))
-    backbone.validate(plain, seqmatch.subset_plans(plain))
+    seqmatch.subset_plans(plain, shape)
   if config.mode == 'evaluate' and config.eval.synthetic:
     if not os.path.isfile(config.eval.synthetic):
       raise ConfigError(f'eval.synthetic={config.eval.synthetic!r} is not a file; '

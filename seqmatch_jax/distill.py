@@ -1,12 +1,15 @@
-"""The distillation loop for one synthetic subset, generic over the backbone.
+"""The distillation loop for one synthetic subset, generic over the method.
 
 `DistillState` holds everything a run needs to continue bit for bit: the
-trainable images, the backbone's learnable extras (MTT's step size), both
-optimizer states, the backbone's auxiliary state, the PRNG key, the iteration
-and the best set so far. `make_distill_step` returns the jitted, pure update;
-`distill_subset` drives it: draws the backbone's resources, evaluates,
-checkpoints with Orbax and stops cleanly on SIGTERM/SIGINT. SeqMatch
-(seqmatch.py) calls it once per subset with the frozen earlier subsets.
+trainable tree {images, labels, extras, aux}, its optimizer states, the PRNG
+key, the iteration and the best tree so far. `make_distill_step` returns the
+jitted, pure update around the method's `step`; `StepIO` gives that step its
+inputs and the pieces methods build their iteration from (the mean over
+trajectories, several matches with a network trained between them, one update
+per class). `distill_subset` drives it: draws the method's resources,
+evaluates, checkpoints with Orbax and stops cleanly on SIGTERM/SIGINT.
+SeqMatch (seqmatch.py) calls it once per subset with the frozen earlier
+subsets.
 """
 
 from __future__ import annotations
@@ -30,29 +33,26 @@ import tqdm
 from seqmatch_jax import files
 from seqmatch_jax import hostmem
 from seqmatch_jax import parallel
-from seqmatch_jax.backbones.base import Backbone, Source, SubsetPlan
+from seqmatch_jax.backbones.base import (Backbone, Layout, Source, SubsetPlan,
+                                         SynSet, Trainable)
 from seqmatch_jax.errors import CheckpointError, Diverged, Interrupted, UserError
 
 # Salts for keys derived from a trajectory's key (the loss itself gets the
-# trajectory key unchanged, so one-match backbones see the key they always did).
-_INIT_SALT = 0x7FFFFFF0
-_NET_SALT = 0x7FFFFFF1
+# trajectory key unchanged, so one-match methods see the key they always did).
+INIT_SALT = 0x7FFFFFF0
+NET_SALT = 0x7FFFFFF1
+# The checkpoint's tree: 2 = one trainable tree (1: images/extras/aux apart).
+STATE_FORMAT = 2
 
 
 @flax.struct.dataclass
 class DistillState:
-  # The trainable subset in the backbone's stored form (model space; IDC:
-  # [0,1] pixel tiles).
-  images: jax.Array
-  extras: dict  # backbone's learnable scalars, e.g. {'syn_lr': ...}
-  opt_images: Any
-  opt_extras: Any
-  aux: dict  # backbone's other state (e.g. an image EMA)
+  trainable: dict  # {'images' (stored form), 'labels', 'extras', 'aux'}
+  opt_state: dict  # one optimizer state per learnable group of `trainable`
   key: jax.Array  # raw uint32 key data
   iteration: jax.Array
   best_score: jax.Array  # validation accuracy of the best set (-1: none yet)
-  best_images: jax.Array
-  best_extras: dict
+  best: dict  # a copy of `trainable` at the best score
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,131 +68,158 @@ class LoopOptions:
   record: dict | None = None  # settings that define the subset (checked on resume)
 
 
-def init_state(backbone: Backbone, plan: SubsetPlan, images: jax.Array,
-               key: jax.Array) -> DistillState:
-  tx_img, tx_ext = backbone.optimizers(plan)
-  extras = backbone.init_extras(plan)
+def init_state(trainable: Trainable, optimizers: dict, key: jax.Array) -> DistillState:
+  """The state at iteration 0 of `backbone.init`'s (trainable, optimizers)."""
+  opt_state = {g: tx.init(trainable[g]) for g, tx in optimizers.items()}
   return DistillState(
-      images=images, extras=extras, opt_images=tx_img.init(images),
-      opt_extras=tx_ext.init(extras), aux=backbone.init_aux(plan, images),
-      key=jax.random.key_data(key), iteration=jnp.zeros((), jnp.int32),
-      best_score=jnp.full((), -1.0, jnp.float32),
-      # Own buffers: the step donates the state, and one buffer must not be
-      # donated twice.
-      best_images=jnp.copy(images), best_extras=jax.tree.map(jnp.copy, extras))
+      trainable=trainable, opt_state=opt_state, key=jax.random.key_data(key),
+      iteration=jnp.zeros((), jnp.int32), best_score=jnp.full((), -1.0, jnp.float32),
+      # Own buffers: the step may donate the state, and one buffer must not
+      # be donated twice.
+      best=jax.tree.map(jnp.copy, trainable))
 
 
-def make_distill_step(backbone: Backbone, plan: SubsetPlan, *, trajectories: int,
-                      mesh=None, donate: bool | None = None) -> Callable:
-  """Jitted `(state, frozen, labels, resources, data) -> (state, metrics)`.
+class StepIO:
+  """What a method's `step` gets inside the jitted iteration: the frozen
+  subsets, this device's trajectories (resources and keys), the source's
+  data, and the helpers an iteration is made of. With a mesh the step runs
+  once per device on its share of the trajectories; the helpers average
+  gradients across devices, so every device applies the same update."""
 
-  `resources` (or None) hold the iteration's T = `trajectories` resources
-  stacked on a leading axis; each trajectory also gets its own key. With a
-  mesh of D devices they are split over `data` (T/D per device, run in turn
-  with `lax.map`) and the gradients averaged across devices with `pmean`: the
-  result is the mean of T single-trajectory gradients, and every device
-  applies the same update. `labels` cover frozen then trainable images. The
-  state is donated (default: on accelerators, where it saves a copy).
-  """
-  tx_img, tx_ext = backbone.optimizers(plan)
-  matches = backbone.matches(plan)
-  per_class = backbone.step_per_class(plan)
-  num_classes = backbone.network.num_classes
-  sharded = mesh is not None and mesh.size > 1
+  def __init__(self, *, frozen: dict, resources: Any, keys: jax.Array, data: Any,
+               optimizers: dict, layout: Layout, param, sharded: bool):
+    self.frozen = frozen  # {'images', 'labels'} of the earlier subsets
+    self.resources = resources  # this device's trajectories' resources
+    self.keys = keys  # one key per trajectory
+    self.data = data
+    self.optimizers = optimizers
+    self.layout = layout
+    self.param = param
+    self.sharded = sharded
 
-  def loss_fn(images, extras, frozen, labels, inner, key, data, class_index):
-    images_all = jnp.concatenate([jax.lax.stop_gradient(frozen), images])
-    return backbone.loss(plan, images_all, labels, extras, inner, key, data,
-                         class_index)
-  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1))
+  def synset(self, trainable: Trainable) -> SynSet:
+    """The matched set: the frozen subsets (no gradient) then `trainable`."""
+    frozen = jax.tree.map(jax.lax.stop_gradient, self.frozen)
+    return SynSet(jnp.concatenate([frozen['images'], trainable['images']]),
+                  jnp.concatenate([frozen['labels'], trainable['labels']]),
+                  trainable['extras'], self.layout, self.param)
 
-  def mean_grads(images, extras, frozen, labels, inners, keys, data,
-                 class_index=None):
-    def one(args):
-      inner, k = args
-      loss, (g_img, g_ext) = grad_fn(images, extras, frozen, labels, inner, k,
-                                     data, class_index)
-      return loss, g_img, g_ext
-    losses, g_img, g_ext = jax.lax.map(one, (inners, keys))
-    out = (jnp.mean(losses), jnp.mean(g_img, 0),
-           jax.tree.map(lambda g: jnp.mean(g, 0), g_ext))
-    if sharded:
+  def init_each(self, fn: Callable[[Any, jax.Array], Any]) -> Any:
+    """`fn(resource, key)` per trajectory (e.g. a fresh network), stacked."""
+    return jax.lax.map(lambda a: fn(a[0], jax.random.fold_in(a[1], INIT_SALT)),
+                       (self.resources, self.keys))
+
+  def mean_grads(self, fn: Callable, trainable: Trainable, inners: Any,
+                 keys: jax.Array, *args) -> tuple[jax.Array, dict]:
+    """(loss, gradients of the learnable groups): `fn(trainable, inner, key,
+    *args)` averaged over the trajectories (and the devices)."""
+    learn = {g: trainable[g] for g in self.optimizers}
+    grad_fn = jax.value_and_grad(
+        lambda p, inner, k: fn(dict(trainable, **p), inner, k, *args))
+
+    def one(a):
+      return grad_fn(learn, a[0], a[1])
+    losses, grads = jax.lax.map(one, (inners, keys))
+    out = (jnp.mean(losses), jax.tree.map(lambda g: jnp.mean(g, 0), grads))
+    if self.sharded:
       out = jax.lax.pmean(out, parallel.DATA)
     return out
 
-  def update(opt, g_img, g_ext):
-    images, extras, opt_images, opt_extras = opt
-    upd, opt_images = tx_img.update(g_img, opt_images)
-    images = optax.apply_updates(images, upd)
-    upd, opt_extras = tx_ext.update(g_ext, opt_extras)
-    extras = backbone.project_extras(optax.apply_updates(extras, upd), plan)
-    return images, extras, opt_images, opt_extras
+  def update(self, trainable: Trainable, opt_state: dict,
+             grads: dict) -> tuple[Trainable, dict]:
+    """One optimizer step on every learnable group."""
+    trainable, opt_state = dict(trainable), dict(opt_state)
+    for g, tx in self.optimizers.items():
+      upd, opt_state[g] = tx.update(grads[g], opt_state[g])
+      trainable[g] = optax.apply_updates(trainable[g], upd)
+    return trainable, opt_state
 
-  def match(opt, inners, keys, frozen, labels, data):
-    """One image update: on the loss summed over classes, or one per class."""
+  def match(self, fn: Callable, trainable: Trainable, opt_state: dict, inners: Any,
+            keys: jax.Array, per_class: bool = False):
+    """One image update on `fn` summed over classes, or (`per_class`) one
+    update per class in turn, `fn(trainable, inner, key, c)` being class c's
+    loss. Returns (trainable, opt_state, loss, gradients of the last update)."""
     if not per_class:
-      loss, g_img, g_ext = mean_grads(opt[0], opt[1], frozen, labels, inners,
-                                      keys, data)
-      return update(opt, g_img, g_ext), loss, g_img
-    def one_class(opt, c):
-      loss, g_img, g_ext = mean_grads(opt[0], opt[1], frozen, labels, inners,
-                                      keys, data, c)
-      return update(opt, g_img, g_ext), (loss, g_img)
-    opt, (losses, g_img) = jax.lax.scan(one_class, opt, jnp.arange(num_classes))
-    return opt, jnp.sum(losses), g_img[-1]
+      loss, grads = self.mean_grads(fn, trainable, inners, keys)
+      return (*self.update(trainable, opt_state, grads), loss, grads)
 
-  def initial_inners(resources, keys, data):
-    if type(backbone).init_inner is Backbone.init_inner:
-      return resources  # the resource is the trajectory's state (MTT's window)
-    return jax.lax.map(lambda a: backbone.init_inner(
-        plan, a[0], jax.random.fold_in(a[1], _INIT_SALT), data), (resources, keys))
+    def one_class(carry, c):
+      loss, grads = self.mean_grads(fn, carry[0], inners, keys, c)
+      return self.update(*carry, grads), (loss, grads)
+    (trainable, opt_state), (losses, grads) = jax.lax.scan(
+        one_class, (trainable, opt_state), jnp.arange(self.layout.num_classes))
+    return trainable, opt_state, jnp.sum(losses), jax.tree.map(lambda g: g[-1], grads)
 
-  def iterate(images, extras, opt_images, opt_extras, frozen, labels, resources,
-              keys, data):
-    inners = initial_inners(resources, keys, data)
-    opt = (images, extras, opt_images, opt_extras)
-
-    def match_then_train(carry, m):
-      opt, inners = carry
-      mkeys = jax.vmap(lambda k: jax.random.fold_in(k, m))(keys)
-      opt, loss, _ = match(opt, inners, mkeys, frozen, labels, data)
-      all_images = jax.lax.stop_gradient(jnp.concatenate([frozen, opt[0]]))
-      inners = jax.lax.map(lambda a: backbone.net_update(
-          plan, a[0], all_images, labels, jax.random.fold_in(a[1], _NET_SALT), data),
-          (inners, mkeys))
-      return (opt, inners), loss
-
+  def matches(self, count: int, fn: Callable, trainable: Trainable, opt_state: dict,
+              inners: Any, train: Callable | None = None, per_class: bool = False):
+    """`count` matches (`match`); between two, `train(inner, syn, key)`
+    updates each trajectory's inner state (e.g. trains its network on `syn`,
+    the current set under stop_gradient). Match m of a trajectory uses
+    fold_in(key, m); with one match the key itself. Returns (trainable,
+    opt_state, mean loss, gradients of the last update)."""
+    keys = self.keys
     losses = []
-    if matches > 1:
-      (opt, inners), losses = jax.lax.scan(match_then_train, (opt, inners),
-                                           jnp.arange(matches - 1))
-      losses = [losses]
-      keys = jax.vmap(lambda k: jax.random.fold_in(k, matches - 1))(keys)
-    opt, loss, g_img = match(opt, inners, keys, frozen, labels, data)
+    if count > 1:
+      def match_then_train(carry, m):
+        (t, o), inners = carry
+        mkeys = jax.vmap(lambda k: jax.random.fold_in(k, m))(keys)
+        t, o, loss, _ = self.match(fn, t, o, inners, mkeys, per_class)
+        syn = self.synset(jax.tree.map(jax.lax.stop_gradient, t))
+        inners = jax.lax.map(lambda a: train(
+            a[0], syn, jax.random.fold_in(a[1], NET_SALT)), (inners, mkeys))
+        return ((t, o), inners), loss
+      ((trainable, opt_state), inners), scanned = jax.lax.scan(
+          match_then_train, ((trainable, opt_state), inners), jnp.arange(count - 1))
+      losses = [scanned]
+      keys = jax.vmap(lambda k: jax.random.fold_in(k, count - 1))(keys)
+    trainable, opt_state, loss, grads = self.match(fn, trainable, opt_state, inners,
+                                                   keys, per_class)
     if losses:
       loss = jnp.mean(jnp.concatenate(losses + [loss[None]]))
-    return opt, loss, g_img
+    return trainable, opt_state, loss, grads
+
+  @staticmethod
+  def metrics(loss: jax.Array, grads: dict) -> dict:
+    return dict(loss=loss, grad_norm_images=optax.global_norm(grads['images']))
+
+
+def make_distill_step(backbone: Backbone, plan: SubsetPlan, optimizers: dict,
+                      layout: Layout, *, trajectories: int, mesh=None,
+                      donate: bool | None = None) -> Callable:
+  """Jitted `(state, frozen, resources, data) -> (state, metrics)`.
+
+  `frozen` holds the earlier subsets ({'images', 'labels'}); `resources` (or
+  None) the iteration's T = `trajectories` resources stacked on a leading
+  axis; each trajectory also gets its own key. With a mesh of D devices they
+  are split over `data` (T/D per device, run in turn with `lax.map`) and the
+  gradients averaged across devices with `pmean`: the result is the mean of T
+  single-trajectory gradients, and every device applies the same update. The
+  state is donated (default: on accelerators, where it saves a copy).
+  """
+  sharded = mesh is not None and mesh.size > 1
+
+  def iterate(trainable, opt_state, frozen, resources, keys, data):
+    io = StepIO(frozen=frozen, resources=resources, keys=keys, data=data,
+                optimizers=optimizers, layout=layout, param=plan.run.param,
+                sharded=sharded)
+    return backbone.step(plan, trainable, opt_state, io)
 
   if sharded:
     rep = P()
     iterate = jax.shard_map(
         iterate, mesh=mesh,
-        in_specs=(rep, rep, rep, rep, rep, rep, P(parallel.DATA), P(parallel.DATA),
-                  rep),
+        in_specs=(rep, rep, rep, P(parallel.DATA), P(parallel.DATA), rep),
         out_specs=(rep, rep, rep), check_vma=False)
 
-  def step(state: DistillState, frozen, labels, resources, data):
+  def step(state: DistillState, frozen, resources, data):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.iteration)
     keys = jax.random.key_data(jax.random.split(key, trajectories))
     keys = jax.vmap(jax.random.wrap_key_data)(keys)
-    (images, extras, opt_images, opt_extras), loss, g_img = iterate(
-        state.images, state.extras, state.opt_images, state.opt_extras, frozen,
-        labels, resources, keys, data)
-    new = state.replace(images=images, extras=extras, opt_images=opt_images,
-                        opt_extras=opt_extras, iteration=state.iteration + 1)
-    new = backbone.post_step(plan, new)
-    metrics = dict(loss=loss, grad_norm_images=optax.global_norm(g_img), **extras)
-    return new, metrics
+    trainable, opt_state, metrics = iterate(state.trainable, state.opt_state,
+                                            frozen, resources, keys, data)
+    new = state.replace(trainable=trainable, opt_state=opt_state,
+                        iteration=state.iteration + 1)
+    return new, dict(metrics, **trainable['extras'])
 
   if donate is None:
     donate = jax.default_backend() != 'cpu'
@@ -231,34 +258,37 @@ def restore_or_init(path: str, fresh: DistillState) -> tuple[DistillState, ocp.C
 
 
 def distill_subset(backbone: Backbone, plan: SubsetPlan, source: Source, *,
-                   init_images: jax.Array, labels: jax.Array, frozen: jax.Array,
-                   frozen_labels: jax.Array, key: jax.Array, options: LoopOptions,
-                   evaluate_fn: Callable[[np.ndarray, float, int], float] | None = None,
+                   trainable: Trainable, optimizers: dict, frozen: dict,
+                   layout: Layout, key: jax.Array, options: LoopOptions,
+                   evaluate_fn: Callable | None = None,
                    mesh=None, should_stop: Callable[[], bool] = lambda: False,
                    writer=None, on_eval: Callable | None = None) -> DistillState:
   """Runs (or resumes) the distillation of one subset; returns the final state.
 
   Args:
     source: the subset's resources (`backbone.prepare`).
-    init_images: starting images of the trainable subset (the backbone's stored form).
-    labels: labels of the trainable subset.
-    frozen, frozen_labels: earlier subsets (possibly empty), never updated.
-    evaluate_fn: (images of the full set so far, lr, iteration) -> validation
-      accuracy; called every `options.eval_every` iterations to keep the best.
-      It may raise `Interrupted` (a stop during the evaluation): the state as
-      of that iteration is then saved and the rerun redoes the evaluation.
+    trainable, optimizers: `backbone.init`'s, at iteration 0.
+    frozen: {'images', 'labels'} of the earlier subsets (possibly empty),
+      never updated.
+    layout: class and subset of every stored image, frozen ones first.
+    evaluate_fn: (stored images of the full set so far, their labels, lr,
+      iteration) -> validation accuracy; called every `options.eval_every`
+      iterations to keep the best. It may raise `Interrupted` (a stop during
+      the evaluation): the state as of that iteration is then saved and the
+      rerun redoes the evaluation.
   """
   num_devices = 1 if mesh is None else mesh.size
   traj = options.trajectories_per_step or num_devices
   if traj % num_devices:
     raise UserError(f'distill.trajectories_per_step={traj} must be a multiple '
                     f'of the {num_devices} devices.')
-  all_labels = parallel.replicate(jnp.concatenate([frozen_labels, labels]), mesh)
   frozen = parallel.replicate(frozen, mesh)
   data = parallel.replicate(source.data, mesh)
-  step_fn = make_distill_step(backbone, plan, trajectories=traj, mesh=mesh)
-  fresh = parallel.replicate(init_state(backbone, plan, init_images, key), mesh)
+  step_fn = make_distill_step(backbone, plan, optimizers, layout,
+                              trajectories=traj, mesh=mesh)
+  fresh = parallel.replicate(init_state(trainable, optimizers, key), mesh)
   ckpt_dir = options.ckpt_dir
+  _check_state_format(ckpt_dir)
   state, mgr = restore_or_init(ckpt_dir, fresh)
   _check_run_record(ckpt_dir, traj, num_devices, resumed=int(state.iteration) > 0,
                     record=options.record)
@@ -272,7 +302,7 @@ def distill_subset(backbone: Backbone, plan: SubsetPlan, source: Source, *,
     if step in mgr.all_steps():
       if not overwrite:
         return
-      mgr.delete(step)  # the final evaluation changed best_*: keep it
+      mgr.delete(step)  # the final evaluation changed the best: keep it
     mgr.save(step, args=ocp.args.StandardSave(state), force=True)
     mgr.wait_until_finished()
 
@@ -305,8 +335,9 @@ def distill_subset(backbone: Backbone, plan: SubsetPlan, source: Source, *,
     if evaluating and it % options.eval_every == 0 and it > 0:
       state = evaluate(it)
     resources = source.sample(it, traj, mesh)
-    extras_before = {k: float(parallel.fetch(v)) for k, v in state.extras.items()}
-    new_state, metrics = step_fn(state, frozen, all_labels, resources, data)  # donates
+    extras_before = {k: float(parallel.fetch(v))
+                     for k, v in state.trainable['extras'].items()}
+    new_state, metrics = step_fn(state, frozen, resources, data)  # donates
     loss = float(metrics['loss'])
     if not np.isfinite(loss):
       last = mgr.latest_step()
@@ -401,7 +432,23 @@ def _check_run_record(ckpt_dir: str, traj: int, num_devices: int,
     return
   parallel.main_only(lambda: files.write_json(
       path, dict(trajectories_per_step=traj, devices=num_devices,
-                 settings=record)), path)
+                 settings=record, state_format=STATE_FORMAT)), path)
+
+
+def _check_state_format(ckpt_dir: str) -> None:
+  """A checkpoint of another state layout (an older version of this program)
+  cannot be continued: say so before Orbax fails on the tree."""
+  path = os.path.join(ckpt_dir, 'run.json')
+  if not parallel.agree(os.path.exists(path) and any(
+      n.isdigit() for n in os.listdir(ckpt_dir))):
+    return
+  old = read_run_record(ckpt_dir)
+  if int(old.get('state_format', 1)) != STATE_FORMAT:
+    raise CheckpointError(
+        f'{ckpt_dir} holds a checkpoint of an older version of this program '
+        f'(state format {old.get("state_format", 1)}, now {STATE_FORMAT}); '
+        'finish that run with the version that started it, or delete the '
+        'folder to distil this subset again.')
 
 
 def _evaluate(backbone: Backbone, state: DistillState, evaluate_fn, frozen, writer,
@@ -409,10 +456,15 @@ def _evaluate(backbone: Backbone, state: DistillState, evaluate_fn, frozen, writ
   """Scores the current set (all subsets so far) and keeps it if it is the best.
 
   Every process computes the same score (the evaluation gathers its models'
-  accuracies from all hosts), so all keep the same best set.
+  accuracies from all hosts), so all keep the same best set. The best is a
+  copy of the whole trainable tree (images, labels, extras and aux alike).
   """
-  images = np.concatenate([parallel.fetch(frozen), parallel.fetch(state.images)])
-  score = float(evaluate_fn(images, backbone.eval_lr(state.extras), it))
+  del backbone
+  trainable = parallel.fetch(state.trainable)
+  frozen = parallel.fetch(frozen)
+  images = np.concatenate([frozen['images'], trainable['images']])
+  labels = np.concatenate([frozen['labels'], trainable['labels']])
+  score = float(evaluate_fn(images, labels, eval_lr(plan, trainable['extras']), it))
   logging.info('subset %d iteration %d: validation accuracy %.4f', plan.index + 1,
                it, score)
   if writer is not None:
@@ -420,11 +472,16 @@ def _evaluate(backbone: Backbone, state: DistillState, evaluate_fn, frozen, writ
   if on_eval is not None:
     on_eval(state, it)
   if score > float(state.best_score):
-    best = dict(best_score=np.asarray(score, np.float32),
-                best_images=parallel.fetch(state.images),
-                best_extras=parallel.fetch(state.extras))
+    best = dict(best_score=np.asarray(score, np.float32), best=trainable)
     if mesh is None:
       best = jax.tree.map(jnp.asarray, best)
     state = state.replace(**parallel.replicate(best, mesh))
-    state = backbone.keep_best(plan, state)
   return state
+
+
+def eval_lr(plan: SubsetPlan, extras: dict) -> float:
+  """The step size evaluation trains this subset's stage with: the learned
+  `extras['syn_lr']` when the method learns one, else the protocol's lr."""
+  if 'syn_lr' in extras:
+    return float(parallel.fetch(extras['syn_lr']))
+  return float(plan.run.eval_lr)

@@ -1,11 +1,15 @@
 """Evaluation: train fresh networks on a synthetic set, report test accuracy.
 
-The protocol is the literature's (MTT/SeqMatch reference): SGD momentum 0.9,
-weight decay 5e-4, batch 256, `eval.epochs` epochs with lr x0.1 at the half,
-DSA on, lr = the learned step size. SeqMatch's staged evaluation trains each
-network on S_1, then S_1 ∪ S_2, ..., carrying its weights, stage k with lr_k.
-A plain set is the one-stage case. Several networks (seeds) run vmapped or one
-by one (`eval.parallel`); both give the same numbers.
+A `Protocol` says how a network trains on a synthetic set; it is built once
+from the config (`protocol_from_config`: the literature's common protocol of
+MTT/SeqMatch, SGD momentum 0.9, weight decay 5e-4, batch 256, `eval.epochs`
+epochs with lr x0.1 at the half, DSA on) and a method may replace it with its
+own official one (`Backbone.protocol`). Everything here takes a network and a
+protocol, never the config. SeqMatch's staged evaluation trains each network
+on S_1, then S_1 ∪ S_2, ..., carrying its weights, stage k with lr_k; a plain
+set is the one-stage case. Labels are integers or soft labels (logits whose
+softmax is the target). Several networks (seeds) run vmapped or one by one
+(`Protocol.parallel`); both give the same numbers.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from seqmatch_jax import files
 from seqmatch_jax import parallel
 from seqmatch_jax import training
 from seqmatch_jax.errors import DataError, Interrupted
-from seqmatch_jax.models import Network, create_network
+from seqmatch_jax.models import Network
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,16 +58,19 @@ class Protocol:
                             trim_short_batch=self.trim_short_batch)
 
 
-def protocol_from_config(config: ml_collections.ConfigDict,
-                         epochs: int | None = None) -> Protocol:
-  """The evaluation protocol of the config's backbone (`eval_protocol`)."""
-  from seqmatch_jax.backbones import base  # pylint: disable=g-import-not-at-top
-  cls = base.backbone_class(config.backbone.name)
-  return cls.eval_protocol(config, epochs or config.eval.epochs)
+def protocol_from_config(config: ml_collections.ConfigDict) -> Protocol:
+  """The common protocol from `eval.*` and `augment.strategy` (epochs:
+  eval.epochs; other lengths via `dataclasses.replace`)."""
+  return Protocol(epochs=config.eval.epochs, batch_size=config.eval.batch_size,
+                  momentum=config.eval.momentum,
+                  weight_decay=config.eval.weight_decay,
+                  augment=config.augment.strategy, parallel=config.eval.parallel,
+                  trim_short_batch=config.eval.trim_short_batch)
 
 
 def stage_sets(images, labels, subset) -> list[tuple[jax.Array, jax.Array]]:
-  """Cumulative training sets S_1, S_1∪S_2, ... from per-image subset ids."""
+  """Cumulative training sets S_1, S_1∪S_2, ... from per-image subset ids
+  (labels: integers [n] or soft labels [n, C])."""
   subset = np.zeros(len(labels), np.int32) if subset is None else np.asarray(subset)
   out = []
   for k in range(int(subset.max()) + 1):
@@ -220,32 +227,28 @@ def summarize(accs: np.ndarray) -> dict[str, Any]:
               per_model=[round(float(a), 4) for a in accs])
 
 
-def evaluate_synthetic(images, labels, lr, config: ml_collections.ConfigDict,
-                       key: jax.Array, *, x_eval, y_eval, num_classes: int,
-                       subset=None, architecture: str | None = None,
-                       num_models: int | None = None, epochs: int | None = None,
-                       mesh=None, should_stop: Callable[[], bool] | None = None,
+def evaluate_synthetic(images, labels, lr, network: Network, protocol: Protocol,
+                       key: jax.Array, *, x_eval, y_eval, num_models: int,
+                       subset=None, mesh=None,
+                       should_stop: Callable[[], bool] | None = None,
                        done: np.ndarray | None = None,
                        on_progress: Callable[[np.ndarray], None] | None = None
                        ) -> dict[str, Any]:
-  """Trains `eval.num_models` fresh networks on (images, labels), in stages when
-  `subset` is given (lr then holds one value per subset), and scores them on
-  (x_eval, y_eval). Returns summary dicts: final and after each stage.
+  """Trains `num_models` fresh `network`s on (images, labels) with
+  `protocol`, in stages when `subset` is given (lr then holds one value per
+  subset), and scores them on (x_eval, y_eval). Returns summary dicts: final
+  and after each stage. `labels` are integers or soft labels [n, C].
 
   `should_stop`, `done` and `on_progress` are `train_and_score`'s: stop between
   models (raising `Interrupted`), skip models already trained, see progress.
   """
   images = jnp.asarray(images)
-  network = network_for(config, architecture or config.model.name, num_classes,
-                        tuple(images.shape[1:]))
-  protocol = protocol_from_config(config, epochs)
   stages = stage_sets(images, np.asarray(labels), subset)
   lrs = np.atleast_1d(np.asarray(lr, np.float32))
   if lrs.shape[0] not in (1, len(stages)):
     raise DataError(f'{lrs.shape[0]} learning rates for {len(stages)} subsets.')
   lrs = np.broadcast_to(lrs, (len(stages),))
-  n = num_models or config.eval.num_models
-  keys = jax.random.split(key, n)
+  keys = jax.random.split(key, num_models)
   accs = train_and_score(network, protocol, keys, stages, jnp.asarray(lrs),
                          jnp.asarray(x_eval), jnp.asarray(y_eval), mesh,
                          should_stop=should_stop, done=done,
@@ -259,18 +262,6 @@ def summarize_stages(accs: np.ndarray, lrs) -> dict[str, Any]:
   out['stages'] = [summarize(accs[:, k]) for k in range(accs.shape[1])]
   out['lr'] = [float(v) for v in lrs]
   return out
-
-
-def network_for(config, name: str, num_classes: int, image_shape) -> Network:
-  """The distillation model itself, or a cross-architecture one. AlexNet is
-  evaluated without normalisation, as in the literature's cross-architecture
-  tables (its BatchNorm variant is model.norm=batch with model.name=alexnet)."""
-  norm = config.model.norm
-  if name == 'alexnet' and config.model.name != 'alexnet':
-    norm = 'none'
-  return create_network(name, num_classes, tuple(image_shape),
-                        width=config.model.width, depth=config.model.depth,
-                        norm=norm, conv_impl=config.model.conv_impl)
 
 
 def random_real(x_train, y_train, ipc: int, num_classes: int, seed: int):

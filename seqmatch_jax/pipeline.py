@@ -37,7 +37,7 @@ from seqmatch_jax import seqmatch
 from seqmatch_jax import synthetic
 from seqmatch_jax import visualize
 from seqmatch_jax.errors import ConfigError, Interrupted
-from seqmatch_jax.models import check_image_size, create_network
+from seqmatch_jax.models import Network, check_image_size, create_network
 
 
 @dataclasses.dataclass
@@ -313,12 +313,13 @@ def _context(config, workdir, data, network, key, stop, writer, mesh, tag=''):
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('could not write %s: %s', path, e)
   return seqmatch.Context(
-      config=config, workdir=workdir, network=network, x_train=data.x_train,
+      workdir=workdir, network=network, x_train=data.x_train,
       y_train=data.y_train, x_test=data.x_test, y_test=data.y_test,
       x_val=data.x_val, y_val=data.y_val, num_classes=data.num_classes,
       experts_dir=experts_dir(config, workdir),
       expert_metadata=expert_metadata(config, data), key=jax.random.fold_in(key, 1),
-      mesh=mesh, should_stop=stop, writer=writer, on_eval=on_eval,
+      mesh=mesh, model_mesh=parallel.model_mesh(config.parallel.num_devices),
+      should_stop=stop, writer=writer, on_eval=on_eval,
       progress=parallel.is_main_process(), preprocessor=data.preprocessor)
 
 
@@ -365,7 +366,7 @@ def distill(config, workdir, data, network, key, stop, writer):
       logging.info('%s exists: distillation done', out)
       continue
     syn = seqmatch.distill_all(_context(cfg, workdir, data, network, key, stop,
-                                        writer, mesh, tag), tag=tag)
+                                        writer, mesh, tag), cfg, tag=tag)
     def write(out=out, syn=syn, cfg=cfg):
       synthetic.save(out, syn, data.preprocessor, cfg)
       visualize.save_grid(out.replace('.npz', '.png'),
@@ -398,13 +399,30 @@ def _file_id(path: str) -> dict:
   return dict(path=os.path.abspath(path), size=os.path.getsize(path), crc32=crc)
 
 
-def _cell_spec(config, source: dict, architecture: str, epochs, lr,
-               num_stages: int) -> dict:
+def evaluation_protocol(config) -> evaluate_lib.Protocol:
+  """How the final evaluation trains networks: the method's own protocol."""
+  return seqmatch.run_info(config).protocol
+
+
+def network_for(config, name: str, num_classes: int, image_shape) -> Network:
+  """The distillation model itself, or a cross-architecture one. AlexNet is
+  evaluated without normalisation, as in the literature's cross-architecture
+  tables (its BatchNorm variant is model.norm=batch with model.name=alexnet)."""
+  norm = config.model.norm
+  if name == 'alexnet' and config.model.name != 'alexnet':
+    norm = 'none'
+  return create_network(name, num_classes, tuple(image_shape),
+                        width=config.model.width, depth=config.model.depth,
+                        norm=norm, conv_impl=config.model.conv_impl)
+
+
+def _cell_spec(config, source: dict, architecture: str,
+               protocol: evaluate_lib.Protocol, lr, num_stages: int) -> dict:
   """Everything that defines one (set, architecture) evaluation's numbers;
   stored progress is reused only for an identical spec."""
   spec = dict(
       source=source, architecture=architecture,
-      protocol=dataclasses.asdict(evaluate_lib.protocol_from_config(config, epochs)),
+      protocol=dataclasses.asdict(protocol),
       num_models=config.eval.num_models, num_stages=num_stages, seed=config.seed,
       lr=[float(v) for v in np.atleast_1d(np.asarray(lr, np.float64))],
       dataset=dict(name=config.dataset.name, zca=config.dataset.zca,
@@ -492,14 +510,14 @@ def evaluate(config, workdir, data: PreparedData, key,
                          data.preprocessor, config,
                          **({'fix': fix} if fix else {}))
     lr = syn.lrs if syn.lrs is not None else np.float32(config.eval.lr)
-    jobs.append((name, syn.images, syn.labels, lr, syn.subset, None,
+    jobs.append((name, syn.images, syn.targets, lr, syn.subset, None,
                  dict(kind='set', **_file_id(path))))
     if syn.ema is not None:
       # An EMA set (FTD) is scored on its own fresh networks, with the same
       # keys and protocol as the raw set (the official code warm-starts it on
       # the network the raw set already trained; we do not).
       ema_rows.append(name)
-      jobs.append((f'{name} (EMA)', syn.ema, syn.labels, lr, syn.subset, None,
+      jobs.append((f'{name} (EMA)', syn.ema, syn.targets, lr, syn.subset, None,
                    dict(kind='set_ema', **_file_id(path))))
   ipc = config.ipc
   for base in config.eval.baselines:
@@ -513,12 +531,15 @@ def evaluate(config, workdir, data: PreparedData, key,
                    config.eval.lr, None, config.eval.whole_epochs,
                    dict(kind='whole')))
   rows: dict[str, dict] = {}
+  protocol = evaluation_protocol(config)
   for name, x, y, lr, subset, epochs, source in jobs:
     rows[name] = {}
     num_stages = 1 if subset is None else int(np.max(subset)) + 1
+    job_protocol = (protocol if epochs is None
+                    else dataclasses.replace(protocol, epochs=epochs))
     for arch in config.eval.architectures:
       cell = f'{name} / {arch}'
-      spec = _cell_spec(config, source, arch, epochs, lr, num_stages)
+      spec = _cell_spec(config, source, arch, job_protocol, lr, num_stages)
       done = progress.done(cell, spec)
       finished = int((~np.isnan(done).any(axis=1)).sum())
       if finished == len(done):
@@ -528,11 +549,11 @@ def evaluate(config, workdir, data: PreparedData, key,
                      f' ({finished} done earlier)' if finished else '')
       record = lambda accs, cell=cell, spec=spec: progress.record(cell, spec, accs)
       try:
+        network = network_for(config, arch, data.num_classes, np.shape(x)[1:])
         r = evaluate_lib.evaluate_synthetic(
-            x, y, lr, config, eval_key, x_eval=data.x_test, y_eval=data.y_test,
-            num_classes=data.num_classes, subset=subset, architecture=arch,
-            epochs=epochs, mesh=mesh, should_stop=should_stop, done=done,
-            on_progress=record)
+            x, y, lr, network, job_protocol, eval_key, x_eval=data.x_test,
+            y_eval=data.y_test, num_models=config.eval.num_models, subset=subset,
+            mesh=mesh, should_stop=should_stop, done=done, on_progress=record)
       except Interrupted as e:
         kept = progress.cells.get(cell, {}).get('accuracies', [])
         raise Interrupted(

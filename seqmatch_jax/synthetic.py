@@ -1,19 +1,24 @@
 """The synthetic-set file format: the one module that reads and writes it.
 
 `synthetic.npz` holds `images` (pixels in [0,1], NHWC), `images_model` (the
-exact model-space images the run produced), `labels`, `subset` (0-based subset
+exact model-space images the run produced), `labels` (integers; for a set with
+learned soft labels their argmax, the soft labels themselves, logits whose
+softmax is the target, in `soft_labels` [N, C]), `subset` (0-based subset
 id per image), `lr` (the evaluation step size of each subset: MTT's learned
 `syn_lr`, the protocol's lr for the other backbones), `backbone`, the run's
 `config` and a `preprocessing` tag saying what model space meant. Backbones
 that keep an EMA of the images (FTD) add `images_ema` / `images_ema_model`
 beside the raw ones (same layout, labels and lrs). Backbones whose stored
 images decode into the training set (IDC's multi-formation tiles) save the
-decoded set as `images` and what was learned as `stored_images` (pixels in
-[0,1]) with `stored_labels` / `stored_subset`. Users' own npz files need only
-`images` and `labels`.
+decoded set as `images` and what was learned as `stored_images` (in the
+parameterisation's space: [0,1] pixels for IDC) with `stored_labels` /
+`stored_subset`. Users' own npz files need only `images` and `labels` (and
+may add `soft_labels`: evaluation then trains on them).
 
 `subsets/subset_k.npz` is a finished subset of a run in progress:
-`images_model`, `lr`, `labels` (and `ema_model`).
+`images_model` (stored form), `lr`, `labels` (the class of each image),
+`settings` (the record that made it), and `soft_labels` / `ema_model` when the
+method learns or keeps them.
 """
 
 from __future__ import annotations
@@ -44,6 +49,14 @@ class SyntheticSet:
   stored: np.ndarray | None = None
   stored_labels: np.ndarray | None = None
   stored_subset: np.ndarray | None = None
+  # Learned soft labels (logits [N, C], the layout of `images`); evaluation
+  # trains on softmax(soft_labels) when they are present.
+  soft_labels: np.ndarray | None = None
+
+  @property
+  def targets(self) -> np.ndarray:
+    """What evaluation trains on: the soft labels, else the labels."""
+    return self.labels if self.soft_labels is None else self.soft_labels
 
   @property
   def num_subsets(self) -> int:
@@ -83,9 +96,13 @@ def save(path: str, syn: SyntheticSet, preprocessor, config) -> None:
     ema.update(stored_images=np.asarray(syn.stored, np.float32),
                stored_labels=np.asarray(syn.stored_labels, np.int32),
                stored_subset=np.asarray(syn.stored_subset, np.int32))
+  if syn.soft_labels is not None:
+    ema.update(soft_labels=np.asarray(syn.soft_labels, np.float32))
+  labels = (syn.labels if syn.soft_labels is None
+            else np.argmax(syn.soft_labels, axis=-1).astype(np.int32))
   files.write_npz(
       path, **ema, images=pixels.astype(np.float32),
-      images_model=np.asarray(syn.images, np.float32), labels=syn.labels,
+      images_model=np.asarray(syn.images, np.float32), labels=labels,
       subset=subset, lr=np.asarray(syn.lrs, np.float32),
       backbone=np.asarray(syn.backbone),
       config=np.asarray(config.to_json_best_effort(sort_keys=True)),
@@ -175,39 +192,51 @@ def load(path: str, num_classes: int, image_shape, preprocessor=None,
       raise DataError(f'{path}: images_ema must be finite with the shape of '
                       f'images {data["images"].shape}, got {ema.shape}.')
     ema = model_space(ema, data.get('images_ema_model')).astype(np.float32)
+  soft = data.get('soft_labels')
+  if soft is not None:
+    if (soft.shape != (len(labels), num_classes) or
+        not np.issubdtype(soft.dtype, np.floating) or not np.all(np.isfinite(soft))):
+      raise DataError(f'{path}: soft_labels must be finite floats of shape '
+                      f'({len(labels)}, {num_classes}) (logits, one row per '
+                      f'image), got {soft.dtype} {soft.shape}.')
+    soft = soft.astype(np.float32)
   backbone = str(data['backbone']) if 'backbone' in data else ''
   return SyntheticSet(images.astype(np.float32), labels.astype(np.int32), subset,
-                      lrs, backbone, ema)
+                      lrs, backbone, ema, soft_labels=soft)
 
 
-def save_subset(path: str, images: np.ndarray, lr: float, labels: np.ndarray,
-                settings: dict | None = None, ema: np.ndarray | None = None) -> None:
-  extra = {} if ema is None else dict(ema_model=np.asarray(ema, np.float32))
-  files.write_npz(path, images_model=np.asarray(images, np.float32),
-                  lr=np.float32(lr), labels=np.asarray(labels),
-                  settings=np.asarray(json.dumps(settings or {}, sort_keys=True)),
+@dataclasses.dataclass(frozen=True)
+class FinishedSubset:
+  """A distilled subset of a run in progress (subsets/subset_k.npz)."""
+  images: np.ndarray  # stored form
+  lr: float  # its evaluation step size
+  labels: np.ndarray  # the class of each image
+  record: dict | None  # the settings that made it (None: not recorded)
+  soft_labels: np.ndarray | None = None  # learned soft labels [n, C]
+  ema: np.ndarray | None = None  # an EMA of the images (FTD)
+
+
+def save_subset(path: str, subset: FinishedSubset, record: dict | None) -> None:
+  extra = {}
+  if subset.ema is not None:
+    extra['ema_model'] = np.asarray(subset.ema, np.float32)
+  if subset.soft_labels is not None:
+    extra['soft_labels'] = np.asarray(subset.soft_labels, np.float32)
+  files.write_npz(path, images_model=np.asarray(subset.images, np.float32),
+                  lr=np.float32(subset.lr), labels=np.asarray(subset.labels),
+                  settings=np.asarray(json.dumps(record or {}, sort_keys=True)),
                   **extra)
 
 
-def load_subset_ema(path: str) -> np.ndarray | None:
-  """The EMA images of a finished subset (None: its backbone keeps none)."""
-  try:
-    with np.load(path, allow_pickle=False) as f:
-      return f['ema_model'] if 'ema_model' in f.files else None
-  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-    raise CheckpointError(
-        f'{path} is damaged ({type(e).__name__}); delete it and rerun the same '
-        'command to distil that subset again (its checkpoint in distill/ is '
-        'reused).') from e
-
-
-def load_subset(path: str) -> tuple[np.ndarray, float, np.ndarray, dict | None]:
-  """(model-space images, lr, labels, the settings that made it (None: not
-  recorded)) of a finished subset."""
+def load_subset(path: str) -> FinishedSubset:
+  """A finished subset (raises CheckpointError naming the fix if damaged)."""
   try:
     with np.load(path, allow_pickle=False) as f:
       settings = json.loads(str(f['settings'])) if 'settings' in f.files else None
-      return f['images_model'], float(f['lr']), f['labels'], settings or None
+      get = lambda k: f[k] if k in f.files else None
+      return FinishedSubset(images=f['images_model'], lr=float(f['lr']),
+                            labels=f['labels'], record=settings or None,
+                            soft_labels=get('soft_labels'), ema=get('ema_model'))
   except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
     raise CheckpointError(
         f'{path} is damaged ({type(e).__name__}); delete it and rerun the same '

@@ -56,8 +56,12 @@ class SGDSpec:
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Per-example softmax cross-entropy with integer labels."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  """Per-example softmax cross-entropy with integer labels [n], or with soft
+  labels [n, C]: logits whose softmax is the target (DATM's SoftCrossEntropy,
+  -sum softmax(y) log_softmax(out))."""
+  if jnp.issubdtype(labels.dtype, jnp.integer):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return optax.softmax_cross_entropy(logits, jax.nn.softmax(labels, axis=-1))
 
 
 def batch_schedule(key: jax.Array, num_examples: int, batch_size: int,

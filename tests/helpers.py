@@ -36,13 +36,64 @@ def tiny_convnet(width: int = 8, depth: int = 2, image_shape=(8, 8, 1),
 
 def mtt_plan(network, augment: str = 'flip', index: int = 0, ipc: int = 2,
              **settings):
-  """(MTT backbone, its SubsetPlan) from the reference defaults plus
+  """(MTT method, its SubsetPlan) from the reference defaults plus
   `settings` (e.g. syn_steps=2, lr_img=10.0, batch_syn=4)."""
-  from seqmatch_jax import backbones, config_lib  # pylint: disable=g-import-not-at-top
+  from seqmatch_jax import backbones, config_lib, seqmatch  # pylint: disable=g-import-not-at-top
   config = config_lib.base_config()
   config.augment.strategy = augment
-  plan = backbones.plan_from_settings(config.mtt, index=index, ipc=ipc, **settings)
+  config.experts.staged_epochs = config.experts.epochs = 100  # any window
+  plan = seqmatch.single_plan(config, index=index, ipc=ipc, **settings)
   return backbones.create(config, network), plan
+
+
+def method_plan(name: str, network, *, index: int = 0, ipc: int = 2,
+                ipc_before: int = 0, augment: str = '', config=None, **settings):
+  """(method `name`, its SubsetPlan) on the base config (or `config`) plus
+  `settings`."""
+  from seqmatch_jax import backbones, config_lib, seqmatch  # pylint: disable=g-import-not-at-top
+  config = config or config_lib.base_config()
+  config.backbone.name = name
+  config.augment.strategy = augment
+  config.ipc = ipc + ipc_before
+  plan = seqmatch.single_plan(config, index=index, ipc=ipc, ipc_before=ipc_before,
+                              image_shape=tuple(network.image_shape), **settings)
+  return backbones.create(config, network), plan
+
+
+def step_setup(backbone, plan, images, labels, *, frozen=None, frozen_labels=None,
+               key=None, source=None, trajectories: int = 1, mesh=None,
+               donate=None):
+  """(jitted step, state at iteration 0, frozen {'images', 'labels'}) of a
+  method driven by hand: `step(state, frozen, resources, data)`."""
+  from seqmatch_jax import distill  # pylint: disable=g-import-not-at-top
+  from seqmatch_jax.backbones import Layout  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  frozen = images[:0] if frozen is None else frozen
+  frozen_labels = labels[:0] if frozen_labels is None else frozen_labels
+  trainable, optimizers = backbone.init(plan, source, images, labels)
+  classes = np.concatenate([np.asarray(frozen_labels), np.asarray(labels)])
+  layout = Layout(classes.astype(np.int32),
+                  np.repeat([0, plan.index], [len(frozen_labels), len(labels)]),
+                  backbone.network.num_classes)
+  step = distill.make_distill_step(backbone, plan, optimizers, layout,
+                                   trajectories=trajectories, mesh=mesh,
+                                   donate=donate)
+  state = distill.init_state(trainable, optimizers,
+                             jax.random.key(0) if key is None else key)
+  return step, state, dict(images=jnp.asarray(frozen),
+                           labels=jnp.asarray(frozen_labels))
+
+
+def synset(images, labels, plan, num_classes: int, extras=None):
+  """A SynSet of stored `images` (class layout from integer `labels`)."""
+  from seqmatch_jax.backbones import Layout, SynSet  # pylint: disable=g-import-not-at-top
+  classes = np.asarray(labels)
+  if classes.ndim == 2:
+    classes = classes.argmax(-1)
+  layout = Layout(classes.astype(np.int32), np.zeros(len(classes), np.int32),
+                  num_classes)
+  return SynSet(jnp.asarray(images), jnp.asarray(labels), extras or {}, layout,
+                plan.run.param)
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str]:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seqmatch_jax import backbones, config_lib, distill, pipeline
+from seqmatch_jax import backbones, config_lib, distill, pipeline, real_data, seqmatch
 from tests import helpers
 
 PIN = os.path.join(os.path.dirname(__file__), 'data', 'mtt_pin.npz')
@@ -63,21 +63,23 @@ def test_mtt_step_is_pinned(pin):
   config = helpers.config('digits')
   config.augment.strategy = 'color_crop_cutout_flip_scale_rotate'
   backbone = backbones.create(config, net)
-  plan = backbones.plan_from_settings(
-      config.mtt, index=1, ipc=2, ipc_before=1, iterations=2, lr_img=100.0,
+  plan = seqmatch.single_plan(
+      config, index=1, ipc=2, ipc_before=1, iterations=2, lr_img=100.0,
       syn_steps=5, expert_epochs=2, max_start_epoch=2, lr_teacher=0.02,
-      lr_lr=1e-3, batch_syn=10)
-  step = distill.make_distill_step(backbone, plan, trajectories=2)
-  state = distill.init_state(backbone, plan, mine, jax.random.key(5))
+      lr_lr=1e-3, batch_syn=10, start_epochs='mtt')
+  step, state, frozen = helpers.step_setup(
+      backbone, plan, mine, labels[10:], frozen=frozen, frozen_labels=labels[:10],
+      key=jax.random.key(5), trajectories=2)
   stack = lambda t: jax.tree.map(lambda *x: jnp.stack(x), *t)
   for i in range(2):
     windows = (stack([params, target]),
                stack([target, jax.tree.map(lambda p: p * 0.9, params)]))
-    state, metrics = step(state, frozen, labels, windows, None)
+    state, metrics = step(state, frozen, windows, None)
     _assert_pinned(np.asarray(metrics['loss']), pin[f'step{i}_loss'], pin['same_jax'])
-  _assert_pinned(np.asarray(state.images), pin['step_images'], pin['same_jax'])
-  _assert_pinned(np.asarray(state.extras['syn_lr']), pin['step_syn_lr'],
+  _assert_pinned(np.asarray(state.trainable['images']), pin['step_images'],
                  pin['same_jax'])
+  _assert_pinned(np.asarray(state.trainable['extras']['syn_lr']),
+                 pin['step_syn_lr'], pin['same_jax'])
 
 
 def _pin_run_config():
@@ -125,19 +127,13 @@ def _real_problem(name: str, strategy: str = '', dtype=jnp.float32, **settings):
   """A tiny 2-class problem: real images, a frozen subset (1 per class) and a
   trainable one (2 per class), and the backbone with the reference settings
   but a real batch that takes every image of a class (no sampling noise)."""
-  c = config_lib.base_config()
-  c.backbone.name = name
-  c.augment.strategy = strategy
-  c.ipc = 3
-  node = c[backbones.backbone_class(name).config_key]
   net = helpers.tiny_convnet(width=4, depth=1, num_classes=2)
-  backbone = backbones.create(c, net)
-  plan = backbones.plan_from_settings(node, index=1, ipc=2, ipc_before=1,
-                                      batch_real=64, **settings)
+  backbone, plan = helpers.method_plan(name, net, index=1, ipc=2, ipc_before=1,
+                                       augment=strategy, batch_real=64, **settings)
   x = jax.random.normal(jax.random.key(0), (14, 8, 8, 1), dtype)
   y = jnp.asarray([0] * 6 + [1] * 8)
   syn_labels = jnp.asarray([0, 1, 0, 0, 1, 1])  # frozen S_1, then S_2
-  source = backbones.base.RealImagesByClass(x, y, syn_labels, 2)
+  source = real_data.RealImagesByClass(x, y, 2)
   images = jax.random.normal(jax.random.key(1), (6, 8, 8, 1), dtype)
   params, state = net.init(jax.random.key(2))
   params = jax.tree.map(lambda p: p.astype(dtype), params)
@@ -146,7 +142,8 @@ def _real_problem(name: str, strategy: str = '', dtype=jnp.float32, **settings):
 
 def test_dm_loss_is_the_direct_sum_over_classes():
   backbone, plan, data, images, labels, inner, x, y = _real_problem('dm')
-  loss = backbone.loss(plan, images, labels, {}, inner, jax.random.key(3), data)
+  loss = backbone.loss(plan, helpers.synset(images, labels, plan, 2), inner,
+                       jax.random.key(3), data)
   params, state = inner
   embed = lambda img: np.asarray(backbone.network.embed(params, state, img[None]))[0]
   expected = 0.0
@@ -159,7 +156,8 @@ def test_dm_loss_is_the_direct_sum_over_classes():
 
 def test_dc_loss_is_the_direct_sum_over_classes():
   backbone, plan, data, images, labels, inner, x, y = _real_problem('dc')
-  loss = backbone.loss(plan, images, labels, {}, inner, jax.random.key(3), data)
+  loss = backbone.loss(plan, helpers.synset(images, labels, plan, 2), inner,
+                       jax.random.key(3), data)
   params, state = inner
   net = backbone.network
 
@@ -201,8 +199,8 @@ def test_image_gradient_matches_finite_differences(name, strategy):
   with jax.enable_x64(True):
     backbone, plan, data, images, labels, inner, _, _ = _real_problem(
         name, strategy, jnp.float64)
-    f = lambda img: backbone.loss(plan, img, labels, {}, inner, jax.random.key(3),
-                                  data)
+    f = lambda img: backbone.loss(plan, helpers.synset(img, labels, plan, 2), inner,
+                                  jax.random.key(3), data)
     g = jax.grad(f)(images)
     eps = 1e-7  # ReLU kinks lie within 1e-5 of these images (DSA colour)
     for d in range(3):
@@ -217,27 +215,27 @@ def test_dc_step_trains_the_network_between_matches():
   backbone, plan, data, images, labels, _, _, _ = _real_problem(
       'dsa', 'flip_scale', outer_loop=2, inner_loop=3)
   frozen, mine = images[:2], images[2:]
-  step = distill.make_distill_step(backbone, plan, trajectories=1)
-  state = distill.init_state(backbone, plan, mine, jax.random.key(7))
-  new, _ = step(state, frozen, labels, None, data)
+  step, state, frozen_set = helpers.step_setup(
+      backbone, plan, mine, labels[2:], frozen=frozen, frozen_labels=labels[:2],
+      key=jax.random.key(7))
+  new, _ = step(state, frozen_set, None, data)
 
   key = jax.random.fold_in(jax.random.wrap_key_data(state.key), 0)
   key = jax.random.split(key, 1)[0]
-  inner = backbone.network.init(jax.random.fold_in(key, distill._INIT_SALT))
-  tx, _ = backbone.optimizers(plan)
+  inner = backbone.network.init(jax.random.fold_in(key, distill.INIT_SALT))
+  tx = backbone.init(plan, None, mine, labels[2:])[1]['images']
   opt = tx.init(mine)
-  loss = lambda m, inner, k: backbone.loss(
-      plan, jnp.concatenate([frozen, m]), labels, {}, inner, k, data)
+  syn = lambda m: helpers.synset(jnp.concatenate([frozen, m]), labels, plan, 2)
+  loss = lambda m, inner, k: backbone.loss(plan, syn(m), inner, k, data)
   for m in range(2):
     k = jax.random.fold_in(key, m)
     g = jax.grad(loss)(mine, inner, k)
     upd, opt = tx.update(g, opt)
     mine = mine + upd
     if m == 0:
-      inner = backbone.net_update(plan, inner, jnp.concatenate([frozen, mine]),
-                                  labels, jax.random.fold_in(k, distill._NET_SALT),
-                                  data)
-  np.testing.assert_allclose(new.images, mine, rtol=1e-5, atol=1e-6)
+      inner = backbone.train_network(plan, inner, syn(mine),
+                                     jax.random.fold_in(k, distill.NET_SALT))
+  np.testing.assert_allclose(new.trainable['images'], mine, rtol=1e-5, atol=1e-6)
 
 
 def _tiny_real_config(name: str, k: int):
@@ -255,7 +253,7 @@ def _real_ctx(tmp_path, config):
   x, y, xt, yt, _, _ = helpers.digits_model_space()
   from seqmatch_jax import seqmatch
   return seqmatch.Context(
-      config=config, workdir=str(tmp_path), network=helpers.tiny_convnet(),
+      workdir=str(tmp_path), network=helpers.tiny_convnet(),
       x_train=x, y_train=y, x_test=xt, y_test=yt, x_val=None, y_val=None,
       num_classes=10, experts_dir='', expert_metadata={}, key=jax.random.key(0),
       progress=False)
@@ -264,14 +262,15 @@ def _real_ctx(tmp_path, config):
 @pytest.mark.parametrize('name', ['dm', 'dc'])
 def test_frozen_subset_stays_bitwise_and_reruns_resume(name, tmp_path):
   from seqmatch_jax import seqmatch
-  ctx = _real_ctx(tmp_path, _tiny_real_config(name, 2))
-  syn = seqmatch.distill_all(ctx)
+  config = _tiny_real_config(name, 2)
+  ctx = _real_ctx(tmp_path, config)
+  syn = seqmatch.distill_all(ctx, config)
   assert syn.subset.tolist() == [0] * 10 + [1] * 10 and syn.backbone == name
   with np.load(tmp_path / 'subsets' / 'subset_1.npz') as f:
     np.testing.assert_array_equal(syn.images[:10], f['images_model'])
   assert not np.array_equal(syn.images[10:], syn.images[:10])
-  assert np.allclose(syn.lrs, ctx.config.eval.lr)  # the protocol's lr
-  np.testing.assert_array_equal(seqmatch.distill_all(ctx).images, syn.images)
+  assert np.allclose(syn.lrs, config.eval.lr)  # the protocol's lr
+  np.testing.assert_array_equal(seqmatch.distill_all(ctx, config).images, syn.images)
 
 
 @pytest.mark.parametrize('name', ['dm', 'dsa'])
@@ -279,7 +278,7 @@ def test_kill_and_resume_is_bitwise(name, tmp_path):
   from seqmatch_jax import seqmatch
   from seqmatch_jax.errors import Interrupted
   config = _tiny_real_config(name, 1)
-  full = seqmatch.distill_all(_real_ctx(tmp_path / 'a', config))
+  full = seqmatch.distill_all(_real_ctx(tmp_path / 'a', config), config)
   calls = {'n': 0}
 
   def stop_at_two():
@@ -288,6 +287,7 @@ def test_kill_and_resume_is_bitwise(name, tmp_path):
   ctx = _real_ctx(tmp_path / 'b', config)
   ctx.should_stop = stop_at_two
   with pytest.raises(Interrupted):
-    seqmatch.distill_all(ctx)
+    seqmatch.distill_all(ctx, config)
   ctx.should_stop = lambda: False
-  np.testing.assert_array_equal(seqmatch.distill_all(ctx).images, full.images)
+  np.testing.assert_array_equal(seqmatch.distill_all(ctx, config).images,
+                                full.images)

@@ -140,8 +140,8 @@ CASES: list[tuple[str, Callable, str]] = [
      'did you mean distill.eval_every'),
     ('unknown_backbone_variant', _fixed(f'{DIGITS}:backbone=idcc'),
      "Unknown backbone.name 'idcc'"),
-    ('idc_factor_too_large', _fixed(f'{DIGITS}:backbone=idc', '--config.idc.factor=9'),
-     'idc.factor=9 cuts 8-pixel images'),
+    ('param_factor_too_large', _fixed(f'{DIGITS}:backbone=idc', '--config.param.factor=9'),
+     'param.factor=9 cuts 8-pixel images'),
     ('bad_variant_value', _fixed(f'{DIGITS}:ipc=ten'),
      "variant argument ipc must be an integer, got 'ten'"),
     ('unknown_variant_key', _fixed(f'{DIGITS}:foo=1'),
@@ -364,9 +364,8 @@ def test_rerun_with_other_hyperparameters_is_refused_and_keeps_config(tmp_path):
   record = seqmatch.subset_record(config, plan)
   record['mtt.syn_steps'] = 99  # what the earlier run used
   run = tmp_path / 'run'
-  synthetic.save_subset(str(run / 'subsets' / 'subset_1.npz'),
-                        np.zeros((50, 8, 8, 1)), 0.01, np.repeat(np.arange(10), 5),
-                        record)
+  synthetic.save_subset(str(run / 'subsets' / 'subset_1.npz'), synthetic.FinishedSubset(
+      np.zeros((50, 8, 8, 1)), 0.01, np.repeat(np.arange(10), 5), record), record)
   (run / 'config.json').write_text('{"earlier": true}')
   r = run_main(DIGITS, '--config.mode=distill', f'--workdir={run}')
   assert_one_error_line(r, 'mtt.syn_steps: 99 -> 20')

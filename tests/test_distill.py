@@ -1,6 +1,7 @@
 """The distillation loop: it learns, it resumes bit for bit, it stops cleanly
 on divergence."""
 
+import dataclasses
 import os
 
 import jax
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from seqmatch_jax import distill, experts, matching
-from seqmatch_jax.backbones import mtt
+from seqmatch_jax.backbones import Layout, mtt
 from seqmatch_jax.errors import Diverged, Interrupted
 from tests import helpers
 
@@ -44,10 +45,12 @@ def _run(store, ckpt, plan, trajectories_per_step=0, eval_every=0, **kw):
                                 trajectories_per_step=trajectories_per_step,
                                 eval_every=eval_every, progress=False)
   source = mtt.ExpertWindows(store, plan, seed=0)
-  state = distill.distill_subset(backbone, plan, source, init_images=init,
-                                 labels=labels, frozen=x[:0],
-                                 frozen_labels=labels[:0], key=jax.random.key(3),
-                                 options=options, **kw)
+  trainable, optimizers = backbone.init(plan, source, init, labels)
+  layout = Layout(np.asarray(labels), np.zeros(len(labels), np.int32), 10)
+  state = distill.distill_subset(
+      backbone, plan, source, trainable=trainable, optimizers=optimizers,
+      frozen=dict(images=x[:0], labels=labels[:0]), layout=layout,
+      key=jax.random.key(3), options=options, **kw)
   return state, init, labels
 
 
@@ -59,7 +62,8 @@ def test_matching_loss_falls(store, tmp_path):
       imgs, lr, init[:0], labels, start, target, jax.random.key(9),
       network=helpers.tiny_convnet(), num_steps=plan[1].syn_steps, batch_size=20,
       augment='', remat=True))
-  assert loss(state.images, state.extras['syn_lr']) < 0.95 * loss(init, jnp.float32(0.05))
+  t = state.trainable
+  assert loss(t['images'], t['extras']['syn_lr']) < 0.95 * loss(init, jnp.float32(0.05))
 
 
 def test_kill_and_resume_is_bitwise_identical(store, tmp_path):
@@ -79,19 +83,21 @@ def test_kill_and_resume_is_bitwise_identical(store, tmp_path):
 def _val_evaluator(should_stop=None):
   """The in-run validation evaluation (as seqmatch._val_evaluator builds it),
   two models one by one, polling `should_stop` before each."""
-  from seqmatch_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from seqmatch_jax import evaluate, pipeline  # pylint: disable=g-import-not-at-top
   c = helpers.config('digits')
   c.model.width = 8
   c.augment.strategy = 'flip'
   c.eval.parallel = 'sequential'
   xt, yt = helpers.digits_model_space()[2:4]
 
-  def evaluate_fn(images, lr, it):
-    labels = np.repeat(np.arange(10), len(images) // 10)
+  network = pipeline.network_for(c, 'convnet', 10, (8, 8, 1))
+  protocol = dataclasses.replace(evaluate.protocol_from_config(c), epochs=2)
+
+  def evaluate_fn(images, labels, lr, it):
     r = evaluate.evaluate_synthetic(
-        images, labels, lr, c, jax.random.fold_in(jax.random.key(5), it),
-        x_eval=xt[:200], y_eval=yt[:200], num_classes=10, num_models=2,
-        epochs=2, should_stop=should_stop)
+        images, labels, lr, network, protocol,
+        jax.random.fold_in(jax.random.key(5), it), x_eval=xt[:200],
+        y_eval=yt[:200], num_models=2, should_stop=should_stop)
     return r['mean'] / 100.0
   return evaluate_fn
 
@@ -150,5 +156,6 @@ def test_resume_on_another_device_count_keeps_the_trajectory_count(store, tmp_pa
   resumed, _, _ = _run(store, tmp_path / 'b', plan, mesh=two,
                        trajectories_per_step=4)
   assert int(resumed.iteration) == 4
-  np.testing.assert_allclose(parallel.fetch(resumed.images),
-                             parallel.fetch(full.images), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(parallel.fetch(resumed.trainable['images']),
+                             parallel.fetch(full.trainable['images']), rtol=1e-5,
+                             atol=1e-6)

@@ -10,22 +10,25 @@ from seqmatch_jax.errors import DataError
 from tests import helpers
 
 
-def _config(**eval_kw):
+def _run(x, y, lr, key, *, num_models: int = 2, epochs: int = 60,
+         parallel: str = 'auto', **kw):
+  """evaluate_synthetic on a width-16 ConvNet-2 with the digits config's
+  protocol (`epochs`, `parallel`)."""
+  from seqmatch_jax import pipeline  # pylint: disable=g-import-not-at-top
   c = helpers.config('digits')
   c.model.width = 16
   c.model.depth = 2
-  c.eval.num_models = 2
-  c.eval.epochs = 60
-  for k, v in eval_kw.items():
-    c.eval[k] = v
-  return c
+  c.eval.epochs = epochs
+  c.eval.parallel = parallel
+  network = pipeline.network_for(c, 'convnet', 10, (8, 8, 1))
+  return evaluate.evaluate_synthetic(
+      x, y, lr, network, evaluate.protocol_from_config(c), key, x_eval=kw.pop('xt'),
+      y_eval=kw.pop('yt'), num_models=num_models, **kw)
 
 
 def test_whole_digits_reaches_95_percent():
   x, y, xt, yt, _, _ = helpers.digits_model_space()
-  r = evaluate.evaluate_synthetic(x, y, 0.05, _config(), jax.random.key(0),
-                                  x_eval=xt, y_eval=yt, num_classes=10,
-                                  num_models=1, epochs=30)
+  r = _run(x, y, 0.05, jax.random.key(0), xt=xt, yt=yt, num_models=1, epochs=30)
   assert r['mean'] > 95.0
 
 
@@ -33,21 +36,19 @@ def test_random_real_is_far_above_chance():
   x, y, xt, yt, _, _ = helpers.digits_model_space()
   xr, yr = evaluate.random_real(x, y, 10, 10, seed=0)
   assert np.bincount(np.asarray(yr)).tolist() == [10] * 10
-  r = evaluate.evaluate_synthetic(xr, yr, 0.01, _config(), jax.random.key(0),
-                                  x_eval=xt, y_eval=yt, num_classes=10)
+  r = _run(xr, yr, 0.01, jax.random.key(0), xt=xt, yt=yt)
   assert r['mean'] > 60.0 and len(r['per_model']) == 2
 
 
 def test_vmap_equals_sequential_and_staged_k1_equals_plain():
   x, y, xt, yt, _, _ = helpers.digits_model_space()
   xr, yr = evaluate.random_real(x, y, 3, 10, seed=1)
-  run = lambda cfg, **kw: evaluate.evaluate_synthetic(
-      xr, yr, 0.02, cfg, jax.random.key(7), x_eval=xt, y_eval=yt, num_classes=10,
-      epochs=20, **kw)
-  seq = run(_config(parallel='sequential'))
-  vm = run(_config(parallel='vmap'))
+  run = lambda parallel, **kw: _run(xr, yr, 0.02, jax.random.key(7), xt=xt, yt=yt,
+                                    epochs=20, parallel=parallel, **kw)
+  seq = run('sequential')
+  vm = run('vmap')
   np.testing.assert_allclose(seq['per_model'], vm['per_model'], atol=0.5)
-  staged = run(_config(parallel='sequential'), subset=np.zeros(len(yr), np.int32))
+  staged = run('sequential', subset=np.zeros(len(yr), np.int32))
   assert staged['per_model'] == seq['per_model']
 
 
@@ -56,12 +57,23 @@ def test_staged_reports_each_stage():
   xr, yr = evaluate.random_real(x, y, 4, 10, seed=2)
   subset = np.repeat([0, 1], 20)
   order = np.argsort(np.tile(np.repeat([0, 1], 2), 10), kind='stable')
-  r = evaluate.evaluate_synthetic(
-      np.asarray(xr)[order], np.asarray(yr)[order], [0.02, 0.01], _config(),
-      jax.random.key(0), x_eval=xt, y_eval=yt, num_classes=10, subset=subset,
-      epochs=20)
+  r = _run(np.asarray(xr)[order], np.asarray(yr)[order], [0.02, 0.01],
+           jax.random.key(0), xt=xt, yt=yt, subset=subset, epochs=20)
   assert len(r['stages']) == 2 and r['stages'][-1]['mean'] == r['mean']
   assert r['lr'] == pytest.approx([0.02, 0.01])
+
+
+def test_soft_labels_train_like_their_one_hot_limit():
+  """Soft labels (logits) train with softmax targets: very confident logits
+  of the true class give what integer labels give, to float tolerance."""
+  x, y, xt, yt, _, _ = helpers.digits_model_space()
+  xr, yr = evaluate.random_real(x, y, 3, 10, seed=1)
+  hard = _run(xr, yr, 0.02, jax.random.key(7), xt=xt, yt=yt, epochs=10,
+              parallel='sequential', num_models=1)
+  logits = 60.0 * np.eye(10, dtype=np.float32)[np.asarray(yr)]
+  soft = _run(xr, logits, 0.02, jax.random.key(7), xt=xt, yt=yt, epochs=10,
+              parallel='sequential', num_models=1)
+  np.testing.assert_allclose(soft['per_model'], hard['per_model'], atol=0.5)
 
 
 @pytest.mark.parametrize('bad, match', [

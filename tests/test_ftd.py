@@ -12,7 +12,7 @@ import pytest
 
 from seqmatch_jax import backbones, config_lib, configuration, distill
 from seqmatch_jax import experts as experts_lib
-from seqmatch_jax import pipeline, synthetic, training
+from seqmatch_jax import pipeline, seqmatch, synthetic, training
 from seqmatch_jax.errors import CheckpointError, ConfigError
 from tests import helpers
 
@@ -103,11 +103,9 @@ def test_gsam_rho_zero_is_sgd():
 
 def _ftd_backbone(net, **settings):
   config = config_lib.base_config()
-  config.backbone.name = 'ftd'
   config.experts.optimizer = 'gsam'
-  config.augment.strategy = 'flip'
-  plan = backbones.plan_from_settings(config.ftd, ipc=2, **settings)
-  return backbones.create(config, net), plan
+  return helpers.method_plan('ftd', net, ipc=2, augment='flip', config=config,
+                             **settings)
 
 
 def test_ema_post_step_formula():
@@ -119,33 +117,39 @@ def test_ema_post_step_formula():
   window = jax.tree.map(lambda a: a[None], (params, target))
   images = jax.random.normal(jax.random.key(2), (20, 8, 8, 1))
   labels = jnp.repeat(jnp.arange(10), 2)
-  step = distill.make_distill_step(backbone, plan, trajectories=1)
-  state = distill.init_state(backbone, plan, images, jax.random.key(5))
+  step, state, frozen = helpers.step_setup(backbone, plan, images, labels,
+                                           key=jax.random.key(5))
   ema = np.asarray(images)
   for _ in range(3):
-    state, _ = step(state, images[:0], labels, window, None)
-    ema = 0.7 * ema + 0.3 * np.asarray(state.images)  # no bias correction
-    np.testing.assert_allclose(state.aux['ema'], ema, rtol=1e-6, atol=1e-6)
-  assert not np.allclose(state.aux['ema'], state.images)  # never fed back
+    state, _ = step(state, frozen, window, None)
+    t = state.trainable
+    ema = 0.7 * ema + 0.3 * np.asarray(t['images'])  # no bias correction
+    np.testing.assert_allclose(t['aux']['ema'], ema, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(t['aux']['ema'], t['images'])  # never fed back
 
 
 def test_best_iterate_keeps_its_ema():
-  """Validation keeping a set keeps that iterate's EMA with it."""
+  """Validation keeping a set keeps that iterate's EMA with it: the best is a
+  copy of the whole trainable tree."""
+  from seqmatch_jax.backbones import ftd  # pylint: disable=g-import-not-at-top
   backbone, plan = _ftd_backbone(helpers.tiny_convnet(), iterations=2,
                                  lr_img=1.0, ema_decay=0.5)
   images = jnp.ones((20, 8, 8, 1))
-  state = distill.init_state(backbone, plan, images, jax.random.key(0))
-  state = backbone.post_step(plan, state.replace(images=images * 3))  # ema 2
+  labels = jnp.repeat(jnp.arange(10), 2)
+  _, state, frozen = helpers.step_setup(backbone, plan, images, labels)
+  bump = lambda st, scale: st.replace(trainable=ftd.ema_update(
+      0.5, dict(st.trainable, images=images * scale)))
+  state = bump(state, 3)  # ema 2
   scores = iter([0.5, 0.4])
   score = lambda *_: next(scores)
-  state = distill._evaluate(backbone, state, score, images[:0], None, 1, plan,
+  state = distill._evaluate(backbone, state, score, frozen, None, 1, plan,
                             None, 'x')
-  np.testing.assert_array_equal(state.aux['best_ema'], 2.0)
-  state = backbone.post_step(plan, state)  # ema 2.5, validation worse
-  state = distill._evaluate(backbone, state, score, images[:0], None, 2, plan,
+  np.testing.assert_array_equal(state.best['aux']['ema'], 2.0)
+  state = bump(state, 3)  # ema 2.5, validation worse
+  state = distill._evaluate(backbone, state, score, frozen, None, 2, plan,
                             None, 'x')
-  np.testing.assert_array_equal(state.aux['ema'], 2.5)
-  np.testing.assert_array_equal(state.aux['best_ema'], 2.0)
+  np.testing.assert_array_equal(state.trainable['aux']['ema'], 2.5)
+  np.testing.assert_array_equal(state.best['aux']['ema'], 2.0)
 
 
 @pytest.fixture(scope='module')
@@ -191,8 +195,9 @@ def _ftd_config():
 def _ctx(workdir, config, experts_dir):
   from seqmatch_jax import seqmatch
   x, y, xt, yt, _, _ = helpers.digits_model_space()
+  del config  # methods read their plans, never the config
   return seqmatch.Context(
-      config=config, workdir=str(workdir), network=helpers.tiny_convnet(),
+      workdir=str(workdir), network=helpers.tiny_convnet(),
       x_train=x, y_train=y, x_test=xt, y_test=yt, x_val=None, y_val=None,
       num_classes=10, experts_dir=experts_dir, expert_metadata={},
       key=jax.random.key(0), progress=False)
@@ -203,7 +208,7 @@ def test_ema_is_checkpointed_resumed_bitwise_and_saved(gsam_experts, tmp_path):
   from seqmatch_jax.errors import Interrupted
   config = _ftd_config()
   configuration.validate(config)
-  full = seqmatch.distill_all(_ctx(tmp_path / 'a', config, gsam_experts[0]))
+  full = seqmatch.distill_all(_ctx(tmp_path / 'a', config, gsam_experts[0]), config)
   assert full.ema is not None and full.ema.shape == full.images.shape
   assert not np.array_equal(full.ema, full.images)
   calls = {'n': 0}
@@ -214,16 +219,16 @@ def test_ema_is_checkpointed_resumed_bitwise_and_saved(gsam_experts, tmp_path):
   ctx = _ctx(tmp_path / 'b', config, gsam_experts[0])
   ctx.should_stop = stop_at_three
   with pytest.raises(Interrupted):
-    seqmatch.distill_all(ctx)
+    seqmatch.distill_all(ctx, config)
   ctx.should_stop = lambda: False
-  resumed = seqmatch.distill_all(ctx)
+  resumed = seqmatch.distill_all(ctx, config)
   np.testing.assert_array_equal(resumed.images, full.images)
   np.testing.assert_array_equal(resumed.ema, full.ema)
   # Written next to the raw images, and read back (a finished subset too).
   np.testing.assert_array_equal(
-      synthetic.load_subset_ema(tmp_path / 'b' / 'subsets' / 'subset_1.npz'),
+      synthetic.load_subset(tmp_path / 'b' / 'subsets' / 'subset_1.npz').ema,
       full.ema)
-  np.testing.assert_array_equal(seqmatch.distill_all(ctx).ema, full.ema)
+  np.testing.assert_array_equal(seqmatch.distill_all(ctx, config).ema, full.ema)
   out = str(tmp_path / 'synthetic.npz')
 
   class Identity:
@@ -250,7 +255,7 @@ def test_ftd_refuses_sgd_experts(tmp_path):
   config.experts.optimizer = 'gsam'
   net = helpers.tiny_convnet()
   backbone = backbones.create(config, net)
-  plan = backbones.plan_from_settings(config.ftd, ipc=2)
+  plan = seqmatch.single_plan(config, ipc=2)
   with pytest.raises(ConfigError, match='GSAM experts'):
     backbone.prepare(_ctx(tmp_path, config, str(tmp_path / 'sgd')), plan, None)
 

@@ -8,54 +8,9 @@ import numpy as np
 import pytest
 
 from seqmatch_jax import augment, backbones, config_lib, distill, evaluate
-from seqmatch_jax import seqmatch, training
-from seqmatch_jax.backbones import idc
+from seqmatch_jax import parameterization, seqmatch, training
 from seqmatch_jax.errors import ConfigError, Interrupted
 from tests import helpers
-
-
-# -- the parameterisation ---------------------------------------------------------
-
-def test_tile_constant_image_decodes_to_its_tiles_crop_major():
-  x = np.zeros((2, 8, 8, 1), np.float32)
-  for n in range(2):
-    for k, (i, j) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
-      x[n, 4 * i:4 * i + 4, 4 * j:4 * j + 4] = 10 * n + k
-  out = np.asarray(idc.decode_tiles(jnp.asarray(x), 2))
-  assert out.shape == (8, 8, 8, 1)
-  # crop-major: tile (0,0) of both images, then tile (0,1) of both, ...
-  expected = [10 * n + k for k in range(4) for n in range(2)]
-  np.testing.assert_allclose(out, np.asarray(expected, np.float32)[:, None, None, None]
-                             * np.ones_like(out), atol=1e-5)
-  assert idc.decode_labels([3, 7], 2).tolist() == [3, 7] * 4
-
-
-def test_decode_is_torch_bilinear_upsampling_with_half_pixel_centres():
-  """jax.image.resize('linear') upsamples with the same half-pixel rule and
-  edge clamping as torch's nn.Upsample(mode='bilinear')."""
-  x = jax.random.uniform(jax.random.key(0), (3, 8, 8, 2))
-  out = idc.decode_tiles(x, 2)
-  tiles = [x[:, 4 * i:4 * i + 4, 4 * j:4 * j + 4] for i in range(2) for j in range(2)]
-  ref = jax.image.resize(jnp.concatenate(tiles), (12, 8, 8, 2), 'linear')
-  np.testing.assert_allclose(out, ref, atol=1e-6)
-  # A side not divisible by the factor is padded with 0.5 first (IDC).
-  odd = idc.decode_tiles(jnp.zeros((1, 5, 5, 1)), 2)
-  assert odd.shape == (4, 5, 5, 1)
-  assert float(odd[3].max()) > 0  # the last tile holds padding
-
-
-def test_mix_init_puts_real_image_k_n_plus_t_in_tile_k():
-  n, f = 3, 2
-  pixels = np.arange(n * f * f, dtype=np.float32)[:, None, None, None] * np.ones(
-      (1, 8, 8, 1), np.float32)
-  out = idc.mix_init(pixels, f)
-  for t in range(n):
-    for k, (i, j) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
-      assert np.all(out[t, 4 * i:4 * i + 4, 4 * j:4 * j + 4] == k * n + t)
-  # Nearest downsampling keeps every other pixel, as F.interpolate.
-  ramp = np.arange(8, dtype=np.float32)[None, :, None, None] * np.ones((4, 8, 8, 1))
-  assert idc.mix_init(ramp, 2)[0, :4, 0, 0].tolist() == [0, 2, 4, 6]
-  assert idc.tile_sizes(128, 3) == [43, 43, 42]
 
 
 # -- IDC's augmentation and CutMix ----------------------------------------------
@@ -130,12 +85,14 @@ def test_multistep_schedule_drops_by_five_at_two_thirds_and_five_sixths():
 
 def test_idc_protocol_is_the_backbones():
   c = _config('idc', 1)
-  p = evaluate.protocol_from_config(c, 9)
+  c.eval.epochs = 9
+  p = seqmatch.run_info(c).protocol
   assert (p.schedule, p.batch_size, p.augment_style, p.cutmix, p.align_corners,
           p.augment, p.epochs) == ('multistep', 64, 'idc', 0.5, False,
                                    'color_crop_flip_scale_rotate', 9)
+  assert p.momentum == c.eval.momentum and p.trim_short_batch == c.eval.trim_short_batch
   c.backbone.name = 'mtt'
-  assert evaluate.protocol_from_config(c).schedule == 'half'
+  assert seqmatch.run_info(c).protocol == evaluate.protocol_from_config(c)
 
 
 # -- the step ---------------------------------------------------------------------
@@ -155,29 +112,42 @@ def _ctx(tmp_path, config):
   x, y, xt, yt, _, _ = helpers.digits_model_space()
   from seqmatch_jax import data as data_lib
   pre = data_lib.fit_preprocessor(data_lib.load_dataset('digits'), zca=False)
+  del config  # methods read their plans, never the config
   return seqmatch.Context(
-      config=config, workdir=str(tmp_path), network=helpers.tiny_convnet(),
+      workdir=str(tmp_path), network=helpers.tiny_convnet(),
       x_train=x, y_train=y, x_test=xt, y_test=yt, x_val=None, y_val=None,
       num_classes=10, experts_dir='', expert_metadata={}, key=jax.random.key(0),
       progress=False, preprocessor=pre)
 
 
+def _initial_set(config, ctx):
+  plans = seqmatch.subset_plans(config, (8, 8, 1))
+  sizes = [p.ipc for p in plans]
+  init = seqmatch.initial_images(jax.random.key(1), ctx.x_train, ctx.y_train, sizes,
+                                 10, config.distill.pix_init, plans[0].run.param,
+                                 ctx.preprocessor.to_pixels)
+  labels, subset = seqmatch.subset_layout(sizes, 10)
+  return plans, init, labels, subset
+
+
 def _subset_problem(tmp_path, k_index: int = 1, **settings):
-  """The IDC backbone at subset 2 of 2 (ipc 1 + 1): its source, plan, a frozen
+  """The IDC method at subset 2 of 2 (ipc 1 + 1): its source, plan, a frozen
   S_1 and the trainable S_2 in pixel space."""
   config = _config(**settings)
   ctx = _ctx(tmp_path, config)
   backbone = backbones.create(config, ctx.network)
-  plans = seqmatch.subset_plans(config)
-  init = backbone.initial_images(jax.random.key(1), ctx, [p.ipc for p in plans])
-  labels, subset = seqmatch.subset_layout([p.ipc for p in plans], 10)
+  plans, init, labels, subset = _initial_set(config, ctx)
   plan = plans[k_index]
   frozen = init[subset < k_index]
-  done = backbones.base.Done(frozen, labels[subset < k_index],
-                             subset[subset < k_index], [0.01] * k_index)
+  done = backbones.Done(frozen, labels[subset < k_index], subset[subset < k_index],
+                        [0.01] * k_index)
   source = backbone.prepare(ctx, plan, done)
   return backbone, plan, source, jnp.asarray(frozen), jnp.asarray(
       init[subset == k_index]), jnp.asarray(labels[subset <= k_index])
+
+
+def _syn(plan, images, labels):
+  return helpers.synset(images, labels, plan, 10)
 
 
 def test_step_is_one_image_update_per_class_in_turn(tmp_path):
@@ -186,30 +156,34 @@ def test_step_is_one_image_update_per_class_in_turn(tmp_path):
   images and one SGD-momentum step on the whole tensor; then the clamp."""
   backbone, plan, source, frozen, mine, labels = _subset_problem(
       tmp_path, **{'idc.inner_loop': 1})
-  step = distill.make_distill_step(backbone, plan, trajectories=1)
-  state = distill.init_state(backbone, plan, mine, jax.random.key(7))
+  n = len(frozen)
+  step, state, frozen_set = helpers.step_setup(
+      backbone, plan, mine, labels[n:], frozen=frozen, frozen_labels=labels[:n],
+      key=jax.random.key(7))
   resources = source.sample(0, 1)
-  new, _ = step(state, frozen, labels, resources, source.data)
+  new, _ = step(state, frozen_set, resources, source.data)
 
   key = jax.random.fold_in(jax.random.wrap_key_data(state.key), 0)
   key = jax.random.split(key, 1)[0]
-  inner = backbone.init_inner(plan, jax.tree.map(lambda x: x[0], resources),
-                              jax.random.fold_in(key, distill._INIT_SALT), source.data)
-  tx, _ = backbone.optimizers(plan)
+  inner = backbone.initial_network(plan, jax.tree.map(lambda x: x[0], resources),
+                                   jax.random.fold_in(key, distill.INIT_SALT))
+  tx = backbone.init(plan, source, mine, labels[n:])[1]['images']
   opt = tx.init(mine)
   images = mine
-  class_grad = jax.jit(jax.grad(lambda m, c: backbone.loss(
-      plan, jnp.concatenate([frozen, m]), labels, {}, inner, key, source.data, c)))
+  class_grad = jax.jit(jax.grad(lambda m, c: backbone.class_loss(
+      plan, _syn(plan, jnp.concatenate([frozen, m]), labels), inner, key,
+      source.data, c)))
   for c in range(10):
     g = class_grad(images, c)
     # Only class c's images get a gradient; momentum moves the others.
-    rows = np.flatnonzero(np.asarray(labels[len(frozen):]) != c)
+    rows = np.flatnonzero(np.asarray(labels[n:]) != c)
     assert float(jnp.abs(g[rows]).max()) == 0.0
     upd, opt = tx.update(g, opt)
     images = images + upd
-  np.testing.assert_allclose(new.images, jnp.clip(images, 0, 1), rtol=1e-5, atol=1e-6)
-  assert float(new.images.min()) >= 0 and float(new.images.max()) <= 1
-  assert not np.allclose(new.images, mine)
+  got = new.trainable['images']
+  np.testing.assert_allclose(got, jnp.clip(images, 0, 1), rtol=1e-5, atol=1e-6)
+  assert float(got.min()) >= 0 and float(got.max()) <= 1
+  assert not np.allclose(got, mine)
 
 
 def test_sharded_step_equals_the_single_device_step(tmp_path):
@@ -218,16 +192,18 @@ def test_sharded_step_equals_the_single_device_step(tmp_path):
   from seqmatch_jax import parallel
   backbone, plan, source, frozen, mine, labels = _subset_problem(
       tmp_path, **{'idc.inner_loop': 1})
-  state = distill.init_state(backbone, plan, mine, jax.random.key(7))
-  one, _ = distill.make_distill_step(backbone, plan, trajectories=2)(
-      state, frozen, labels, source.sample(0, 2), source.data)
+  n = len(frozen)
+  setup = lambda mesh: helpers.step_setup(
+      backbone, plan, mine, labels[n:], frozen=frozen, frozen_labels=labels[:n],
+      key=jax.random.key(7), trajectories=2, mesh=mesh)
+  step, state, frozen_set = setup(None)
+  one, _ = step(state, frozen_set, source.sample(0, 2), source.data)
   mesh = parallel.make_mesh(2)
-  two, _ = distill.make_distill_step(backbone, plan, trajectories=2, mesh=mesh)(
-      parallel.replicate(state, mesh), parallel.replicate(frozen, mesh),
-      parallel.replicate(labels, mesh), source.sample(0, 2, mesh),
-      parallel.replicate(source.data, mesh))
-  np.testing.assert_allclose(parallel.fetch(two.images), one.images, rtol=1e-5,
-                             atol=1e-6)
+  step, state, frozen_set = setup(mesh)
+  two, _ = step(parallel.replicate(state, mesh), parallel.replicate(frozen_set, mesh),
+                source.sample(0, 2, mesh), parallel.replicate(source.data, mesh))
+  np.testing.assert_allclose(parallel.fetch(two.trainable['images']),
+                             one.trainable['images'], rtol=1e-5, atol=1e-6)
 
 
 def test_loss_is_the_direct_conv_gradient_mse(tmp_path):
@@ -241,12 +217,13 @@ def test_loss_is_the_direct_conv_gradient_mse(tmp_path):
   params, state = backbone.network.init(jax.random.key(3))
   inner = ((params, state), None)
   c = 4
-  loss = jax.jit(lambda im: backbone.loss(plan, im, labels, {}, inner,
-                                          jax.random.key(5), data, c))(
-      jnp.concatenate([frozen, mine]))
+  loss = jax.jit(lambda im: backbone.class_loss(
+      plan, _syn(plan, im, labels), inner, jax.random.key(5), data, c))(
+          jnp.concatenate([frozen, mine]))
   real = data['x'][np.asarray(data['y']) == c]
-  syn = jnp.concatenate([idc.decode_tiles(frozen[np.asarray(labels[:10]) == c], 2),
-                         idc.decode_tiles(mine[np.asarray(labels[10:]) == c], 2)])
+  decode = lambda x: parameterization.decode_tiles(x, 2)
+  syn = jnp.concatenate([decode(frozen[np.asarray(labels[:10]) == c]),
+                         decode(mine[np.asarray(labels[10:]) == c])])
   syn = (syn - data['mean']) / data['std']
 
   @jax.jit
@@ -269,8 +246,9 @@ def test_image_gradient_matches_finite_differences(tmp_path):
     params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
     inner = ((params, state), None)
     frozen, mine = frozen.astype(jnp.float64), mine.astype(jnp.float64)
-    f = jax.jit(lambda m: backbone.loss(plan, jnp.concatenate([frozen, m]), labels,
-                                        {}, inner, jax.random.key(5), data, 3))
+    f = jax.jit(lambda m: backbone.class_loss(
+        plan, _syn(plan, jnp.concatenate([frozen, m]), labels), inner,
+        jax.random.key(5), data, 3))
     g = jax.jit(jax.grad(f))(mine)
     assert float(jnp.abs(g).max()) > 0
     eps = 1e-7
@@ -284,9 +262,10 @@ def test_frozen_subset_gets_no_gradient(tmp_path):
   backbone, plan, source, frozen, mine, labels = _subset_problem(tmp_path)
   params, state = backbone.network.init(jax.random.key(3))
   inner = ((params, state), None)
-  f = lambda fr, stop: backbone.loss(
-      plan, jnp.concatenate([jax.lax.stop_gradient(fr) if stop else fr, mine]),
-      labels, {}, inner, jax.random.key(5), source.data, 2)
+  f = lambda fr, stop: backbone.class_loss(
+      plan, _syn(plan, jnp.concatenate([jax.lax.stop_gradient(fr) if stop else fr,
+                                        mine]), labels),
+      inner, jax.random.key(5), source.data, 2)
   grad = jax.jit(jax.grad(f), static_argnums=1)
   assert float(jnp.abs(grad(frozen, True)).max()) == 0.0
   # ... but it takes part in the loss.
@@ -300,15 +279,12 @@ def test_seqmatch_networks_learn_the_earlier_subsets_including_s1_at_k3(tmp_path
   config = _config(k=3, **{'ipc': 3})
   ctx = _ctx(tmp_path, config)
   backbone = backbones.create(config, ctx.network)
-  plans = seqmatch.subset_plans(config)
-  sizes = [p.ipc for p in plans]
-  init = backbone.initial_images(jax.random.key(1), ctx, sizes)
-  labels, subset = seqmatch.subset_layout(sizes, 10)
-  done = backbones.base.Done(init[subset < 2], labels[subset < 2], subset[subset < 2],
-                             [0.01, 0.01])
+  plans, init, labels, subset = _initial_set(config, ctx)
+  done = backbones.Done(init[subset < 2], labels[subset < 2], subset[subset < 2],
+                        [0.01, 0.01])
   source = backbone.prepare(ctx, plans[2], done)
-  s1 = backbone.decode(init[subset == 0], labels[subset == 0], None,
-                       ctx.preprocessor)[0]
+  decode = lambda *a: plans[0].run.param.decode_set(*a, ctx.preprocessor.to_model)
+  s1 = decode(init[subset == 0], labels[subset == 0], None)[0]
   assert len(source.stages) == 2
   np.testing.assert_array_equal(source.stages[0][0], s1)
   np.testing.assert_array_equal(source.stages[1][0][:len(s1)], s1)  # S_1 kept
@@ -320,13 +296,13 @@ def test_seqmatch_networks_learn_the_earlier_subsets_including_s1_at_k3(tmp_path
   source.__init__(backbone, ctx, plans[2], done)  # a resumed run
   assert same(source.sample(1, 1), a)
   # And the staged evaluation of the final set has S_1 in stage 3.
-  stages = evaluate.stage_sets(*backbone.decode(init, labels, subset, ctx.preprocessor))
+  stages = evaluate.stage_sets(*decode(init, labels, subset))
   np.testing.assert_array_equal(stages[2][0][:len(s1)], s1)
 
 
 def test_distill_all_freezes_subsets_decodes_and_resumes_bitwise(tmp_path):
   config = _config(k=2)
-  full = seqmatch.distill_all(_ctx(tmp_path / 'a', config))
+  full = seqmatch.distill_all(_ctx(tmp_path / 'a', config), config)
   # 2 stored images per class -> 8 decoded per class, subset 1 first.
   assert full.images.shape == (80, 8, 8, 1) and full.stored.shape == (20, 8, 8, 1)
   assert full.subset.tolist() == [0] * 40 + [1] * 40
@@ -341,9 +317,9 @@ def test_distill_all_freezes_subsets_decodes_and_resumes_bitwise(tmp_path):
   ctx = _ctx(tmp_path / 'b', config)
   ctx.should_stop = stop_at_three
   with pytest.raises(Interrupted):
-    seqmatch.distill_all(ctx)
+    seqmatch.distill_all(ctx, config)
   ctx.should_stop = lambda: False
-  again = seqmatch.distill_all(ctx)
+  again = seqmatch.distill_all(ctx, config)
   np.testing.assert_array_equal(again.stored, full.stored)
   np.testing.assert_array_equal(again.images, full.images)
 

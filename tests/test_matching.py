@@ -78,32 +78,30 @@ def test_distill_step_traces_once():
   backbone, plan = helpers.mtt_plan(net, 'flip', iterations=3, syn_steps=2,
                                     expert_epochs=1, max_start_epoch=1,
                                     lr_img=10.0, batch_syn=4)
-  step = distill.make_distill_step(backbone, plan, trajectories=1)
-  state = distill.init_state(backbone, plan, images, jax.random.key(0))
+  step, state, frozen = helpers.step_setup(backbone, plan, images, labels)
   stack = lambda t: jax.tree.map(lambda x: x[None], t)
   for i in range(3):
     shifted = jax.tree.map(lambda x, i=i: x + 0.01 * i, target)
-    state, metrics = step(state, images[:0], labels,
-                          (stack(params), stack(shifted)), None)
+    state, metrics = step(state, frozen, (stack(params), stack(shifted)), None)
     assert np.isfinite(float(metrics['loss']))
   assert step._cache_size() == 1
   assert int(state.iteration) == 3
 
 
 def test_donated_step_survives_best_set_updates():
-  """The state is donated on accelerators; best_* must never alias images."""
+  """The state is donated on accelerators; the best tree must never alias
+  the trainable one."""
   net, params, target, images, labels = _problem(jax.random.key(6))
   backbone, plan = helpers.mtt_plan(net, '', iterations=3, syn_steps=2,
                                     expert_epochs=1, max_start_epoch=1,
                                     lr_img=10.0, batch_syn=4)
-  step = distill.make_distill_step(backbone, plan, trajectories=1, donate=True)
+  step, state, frozen = helpers.step_setup(backbone, plan, jnp.array(images),
+                                           labels, donate=True)
   stack = lambda t: jax.tree.map(lambda x: x[None], t)
-  state = distill.init_state(backbone, plan, jnp.array(images), jax.random.key(0))
-  state, _ = step(state, images[:0], labels, (stack(params), stack(target)), None)
-  state = distill._evaluate(backbone, state, lambda imgs, lr, it: 0.5, images[:0],
-                            None, 1, plan, None, 'distill')
+  state, _ = step(state, frozen, (stack(params), stack(target)), None)
+  state = distill._evaluate(backbone, state, lambda imgs, labs, lr, it: 0.5,
+                            frozen, None, 1, plan, None, 'distill')
   assert float(state.best_score) == 0.5
-  state, metrics = step(state, images[:0], labels, (stack(params), stack(target)),
-                        None)
+  state, metrics = step(state, frozen, (stack(params), stack(target)), None)
   assert np.isfinite(float(metrics['loss'])) and int(state.iteration) == 2
-  assert np.all(np.isfinite(np.asarray(state.best_images)))
+  assert np.all(np.isfinite(np.asarray(state.best['images'])))

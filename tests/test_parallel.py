@@ -25,15 +25,16 @@ def test_distill_step_on_4_devices_is_the_mean_of_4_meta_gradients():
                                     max_start_epoch=1, lr_teacher=0.05,
                                     lr_img=100.0, batch_syn=10)
   mesh = parallel.make_mesh(4)
-  step = distill.make_distill_step(backbone, plan, trajectories=4, mesh=mesh)
-  state = distill.init_state(backbone, plan, images, jax.random.key(2))
-  new, metrics = step(state, images[:0], labels, (starts, targets), None)
+  step, state, frozen = helpers.step_setup(backbone, plan, images, labels,
+                                           key=jax.random.key(2), trajectories=4,
+                                           mesh=mesh)
+  new, metrics = step(state, frozen, (starts, targets), None)
   # Reference: the four meta-gradients one by one on one device, averaged.
   grad = matching.meta_gradient(net, num_steps=2, batch_size=10, augment='flip',
                                 remat=True)
   key = jax.random.fold_in(jax.random.wrap_key_data(state.key), 0)
   tkeys = jax.random.split(key, 4)
-  outs = [grad(images, state.extras['syn_lr'], images[:0], labels,
+  outs = [grad(images, state.trainable['extras']['syn_lr'], images[:0], labels,
                jax.tree.map(lambda a, i=i: a[i], starts),
                jax.tree.map(lambda a, i=i: a[i], targets), tkeys[i])
           for i in range(4)]
@@ -41,7 +42,7 @@ def test_distill_step_on_4_devices_is_the_mean_of_4_meta_gradients():
   g_img = np.mean([np.asarray(o[1][0]) for o in outs], axis=0)
   np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-5)
   # First SGD step with momentum: images - lr_img * g.
-  np.testing.assert_allclose(new.images, images - 100.0 * g_img, rtol=1e-4,
+  np.testing.assert_allclose(new.trainable['images'], images - 100.0 * g_img, rtol=1e-4,
                              atol=1e-5)
 
 

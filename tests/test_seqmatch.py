@@ -11,6 +11,7 @@ from seqmatch_jax import distill, evaluate, experts, matching, seqmatch
 from seqmatch_jax import backbones
 from seqmatch_jax.backbones import mtt
 from seqmatch_jax.errors import ConfigError
+from seqmatch_jax.parameterization import Parameterization
 from tests import helpers
 
 
@@ -42,7 +43,8 @@ def test_layout_and_initial_images():
   assert labels.tolist() == [0, 0, 1, 1, 2, 2, 0, 1, 2]
   assert subset.tolist() == [0] * 6 + [1] * 3
   x, y = helpers.digits_model_space()[:2]
-  init = seqmatch.initial_images(jax.random.key(0), x, y, [2, 1], 10, 'real')
+  init = seqmatch.initial_images(jax.random.key(0), x, y, [2, 1], 10, 'real',
+                                 Parameterization())
   labels, _ = seqmatch.subset_layout([2, 1], 10)
   xs, ys = np.asarray(x), np.asarray(y)
   for img, lab in zip(init, labels):  # each image is a real one of its class
@@ -76,7 +78,7 @@ def _ctx(tmp_path, config, key=0):
                             lr=config.experts.lr, momentum=0.0, batch_size=256,
                             augment='', per_batch=1)
   experts.train_experts(net, spec, exp_dir, x, y, xt, yt, jax.random.key(0), meta)
-  return seqmatch.Context(config=config, workdir=str(tmp_path), network=net,
+  return seqmatch.Context(workdir=str(tmp_path), network=net,
                           x_train=x, y_train=y, x_test=xt, y_test=yt, x_val=None,
                           y_val=None, num_classes=10, experts_dir=exp_dir,
                           expert_metadata=meta, key=jax.random.key(key),
@@ -107,28 +109,29 @@ def _tiny_config(k):
 def test_k1_is_plain_mtt_bit_for_bit(tmp_path):
   c = _tiny_config(1)
   ctx = _ctx(tmp_path, c)
-  syn = seqmatch.distill_all(ctx)
+  syn = seqmatch.distill_all(ctx, c)
   plan = seqmatch.subset_plans(c)[0]
   labels, _ = seqmatch.subset_layout([2], 10)
   init = seqmatch.initial_images(jax.random.fold_in(ctx.key, 1), ctx.x_train,
-                                 ctx.y_train, [2], 10, 'real')
+                                 ctx.y_train, [2], 10, 'real', Parameterization())
   backbone = backbones.create(c, ctx.network)
+  source = mtt.ExpertWindows(experts.TrajectoryStore(ctx.experts_dir), plan, c.seed)
+  trainable, optimizers = backbone.init(plan, source, init, labels)
   state = distill.distill_subset(
-      backbone, plan, mtt.ExpertWindows(experts.TrajectoryStore(ctx.experts_dir),
-                                        plan, c.seed),
-      init_images=jnp.asarray(init), labels=jnp.asarray(labels),
-      frozen=jnp.asarray(init[:0]), frozen_labels=jnp.asarray(labels[:0]),
+      backbone, plan, source, trainable=trainable, optimizers=optimizers,
+      frozen=dict(images=jnp.asarray(init[:0]), labels=jnp.asarray(labels[:0])),
+      layout=backbones.Layout(labels, np.zeros(len(labels), np.int32), 10),
       key=jax.random.fold_in(ctx.key, 100),
       options=distill.LoopOptions(ckpt_dir=str(tmp_path / 'plain'), seed=c.seed,
                                   checkpoint_every=2, progress=False))
-  np.testing.assert_array_equal(syn.images, np.asarray(state.images))
-  assert list(syn.lrs) == [float(state.extras['syn_lr'])]
+  np.testing.assert_array_equal(syn.images, np.asarray(state.trainable['images']))
+  assert list(syn.lrs) == [float(state.trainable['extras']['syn_lr'])]
 
 
 def test_two_subsets_freeze_the_first_and_use_staged_experts(tmp_path):
   c = _tiny_config(2)
   ctx = _ctx(tmp_path, c)
-  syn = seqmatch.distill_all(ctx)
+  syn = seqmatch.distill_all(ctx, c)
   assert syn.subset.tolist() == [0] * 10 + [1] * 10 and len(syn.lrs) == 2
   with np.load(tmp_path / 'subsets' / 'subset_1.npz') as f:
     first = f['images_model']
@@ -146,5 +149,5 @@ def test_two_subsets_freeze_the_first_and_use_staged_experts(tmp_path):
   fresh, _ = ctx.network.init(key)
   assert not np.allclose(jax.tree.leaves(fresh)[0], jax.tree.leaves(expected)[0])
   # Rerunning resumes from the finished subsets without recomputing.
-  again = seqmatch.distill_all(ctx)
+  again = seqmatch.distill_all(ctx, c)
   np.testing.assert_array_equal(again.images, syn.images)

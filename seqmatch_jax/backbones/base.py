@@ -1,33 +1,31 @@
-"""The interface every distillation backbone implements, and their registry.
+"""The interface of a distillation method: what differs between methods, no more.
 
-A backbone (MTT, DM, DC, DSA, ...) is one file in this package: a subclass of
-`Backbone` plus one line in `REGISTRY`. The distillation loop (distill.py) and
-SeqMatch's subset scan (seqmatch.py) are generic over it; they never branch on
-which backbone runs. Per distillation iteration the loop
+A method (MTT, FTD, DM, DC, DSA, IDC, DATM, or your own) is one file in this
+package: a `Backbone` subclass, registered by one line in `REGISTRY`
+(backbones/__init__.py). The distillation loop (distill.py) and SeqMatch's
+subset scan (seqmatch.py) are generic over it. Per subset the loop
 
-  1. asks the subset's `Source` (built by `prepare`, on the host) for T
-     resources: expert windows for MTT, nothing for DM/DC (their random
-     networks and real batches are drawn inside the jitted step);
-  2. in one jitted step, per trajectory: `init_inner` (e.g. a fresh network),
-     then `matches(plan)` times: the loss `loss(images_all, ...)` of the
-     trainable images with the frozen earlier subsets concatenated in front
-     under `stop_gradient`, its gradient averaged over the T trajectories, one
-     optax step on the images (and the backbone's learnable `extras`, e.g.
-     MTT's step size) -- or one step per class when `step_per_class` -- and,
-     between matches, `net_update` (DC trains its network on the synthetic
-     set);
-  3. `post_step` on the new state (e.g. an EMA of the images); when in-run
-     validation keeps a new best set, `keep_best` stores in `aux` what must
-     travel with it (FTD: that iterate's EMA).
+  1. builds the subset's `SubsetPlan` (its own settings resolved for the
+     subset, plus `RunInfo`: what the run decided outside the method's
+     section), checked and completed by `validate`;
+  2. `prepare`s a `Source` on the host (e.g. expert trajectories);
+  3. `init`s the trainable tree {images, labels, extras, aux} and one
+     optimizer per learnable group;
+  4. per iteration calls `step` inside one jitted function; the default step
+     is one update on `loss`, averaged over the iteration's trajectories, and
+     methods with a longer iteration compose theirs from `distill.StepIO`'s
+     helpers (several matches, training a network between them, one update
+     per class).
 
-Evaluation trains each stage with `eval_lr(extras)`: the learned step size for
-MTT, the protocol's `eval.lr` for the others.
+Conventions instead of hooks: a learned evaluation step size lives in
+`extras['syn_lr']` (else the protocol's lr is used); what a method keeps
+beside its images (an EMA) lives in `aux`; the best iterate is a copy of the
+whole trainable tree.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any
 
 import jax
@@ -36,35 +34,49 @@ import ml_collections
 import numpy as np
 import optax
 
+from seqmatch_jax import real_data
 from seqmatch_jax.errors import ConfigError
+from seqmatch_jax.evaluate import Protocol
+from seqmatch_jax.experts import ExpertSpec
+from seqmatch_jax.parameterization import Parameterization
 
-Params = Any
+Trainable = dict  # {'images', 'labels', 'extras', 'aux'}
 
-# name -> 'module:Class'. DSA is DC with siamese augmentation (same class).
-REGISTRY = {
-    'mtt': 'seqmatch_jax.backbones.mtt:MTT',
-    'ftd': 'seqmatch_jax.backbones.ftd:FTD',
-    'dm': 'seqmatch_jax.backbones.dm:DM',
-    'dc': 'seqmatch_jax.backbones.dc:DC',
-    'dsa': 'seqmatch_jax.backbones.dc:DSA',
-    'idc': 'seqmatch_jax.backbones.idc:IDC',
-}
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+  """What a plan records from outside the method's own config section,
+  resolved once when the plans are built: a method reads its plan, never the
+  config."""
+  seed: int
+  ipc: int  # images per class of the whole set
+  num_subsets: int
+  augment: str  # the run's DSA strategy (augment.strategy)
+  pix_init: str  # 'real' | 'noise'
+  param: Parameterization  # stored images -> training images
+  # How networks train on synthetic sets: the final evaluation, and the
+  # networks SeqMatch trains on the earlier subsets (epochs: eval.epochs).
+  protocol: Protocol
+  eval_lr: float  # the protocol's step size (methods that learn none)
+  experts: ExpertSpec  # real-data experts (epochs: experts.epochs)
+  staged_epochs: int  # real-data epochs of SeqMatch's staged experts
+  zca: bool
+  image_shape: tuple[int, ...] | None  # None: not known before loading
 
 
 @dataclasses.dataclass(frozen=True)
 class SubsetPlan:
-  """The hyperparameters of one subset.
-
-  `iterations` and `lr_img` every backbone has; `settings` holds the rest of
-  the backbone's sub-dict with its per-subset lists resolved for this subset,
-  readable as attributes (`plan.syn_steps`).
-  """
+  """One subset's hyperparameters: `iterations` and `lr_img` every method
+  has; `settings` holds the rest of the method's section resolved for this
+  subset (its per-subset tuples picked, 'auto' values decided by
+  `validate`), readable as attributes (`plan.syn_steps`)."""
   index: int  # 0-based: subset k is index k - 1
   ipc: int  # images per class of this subset
   ipc_before: int  # images per class of the frozen subsets before it
   iterations: int
   lr_img: float
   settings: dict = dataclasses.field(default_factory=dict)
+  run: RunInfo | None = None
 
   def __getattr__(self, name: str) -> Any:
     settings = self.__dict__.get('settings', {})
@@ -72,24 +84,17 @@ class SubsetPlan:
       return settings[name]
     raise AttributeError(name)
 
-
-def plan_from_settings(node: ml_collections.ConfigDict, *, index: int = 0,
-                       ipc: int = 1, ipc_before: int = 0, **overrides) -> SubsetPlan:
-  """A plan from a backbone's sub-dict (its scalars) and `overrides`: for
-  experiments, tests and benchmarks that drive one subset by hand."""
-  values = dict(node.to_dict(), **overrides)
-  values.pop('per_subset', None)
-  return SubsetPlan(index=index, ipc=ipc, ipc_before=ipc_before,
-                    iterations=int(values.pop('iterations')),
-                    lr_img=float(values.pop('lr_img')), settings=values)
+  def resolved(self, **settings) -> 'SubsetPlan':
+    """This plan with `settings` set (what `validate` decides)."""
+    return dataclasses.replace(self, settings=dict(self.settings, **settings))
 
 
 @dataclasses.dataclass
 class Done:
-  """The subsets distilled so far (frozen while the next one learns)."""
-  images: Any  # stored form (model space; IDC: [0,1] pixels), subset-major,
-  # class-blocked per subset
-  labels: Any
+  """The subsets distilled so far (frozen while the next one learns), in
+  stored form, subset-major and class-blocked per subset."""
+  images: Any
+  labels: Any  # integers [n], or soft labels (logits) [n, C]
   subset: Any
   lrs: list[float]
 
@@ -108,217 +113,121 @@ class Source:
     return None
 
 
-class Backbone:
-  """Defaults for every hook; a backbone overrides what differs."""
-  name: str = ''  # registry name
-  title: str = ''  # how results and labels name it, e.g. 'MTT'
-  config_key: str = ''  # its sub-dict of the config
-  per_subset: tuple[str, ...] = ('iterations', 'lr_img')  # SeqMatch lists
-  learned_lr: bool = False  # evaluation uses a learned step size
-  needs_experts: bool = False  # mode=experts has work to do
-  has_net_update: bool = False  # net_update runs between matches
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where each stored image of the matched set (frozen subsets first) sits:
+  its class and subset. Static (numpy), known when the step is built."""
+  classes: np.ndarray
+  subset: np.ndarray
+  num_classes: int
 
-  def __init__(self, config: ml_collections.ConfigDict, network):
-    self.config = config
+
+@dataclasses.dataclass(frozen=True)
+class SynSet:
+  """The synthetic set a loss sees: the frozen subsets (under stop_gradient)
+  then the trainable one, in stored form, with their labels."""
+  images: jax.Array  # stored form
+  labels: jax.Array  # integers [n] or soft labels [n, C]
+  extras: dict  # the trainable subset's learned scalars (e.g. syn_lr)
+  layout: Layout
+  param: Parameterization
+
+  def decoded(self) -> tuple[jax.Array, jax.Array]:
+    """(training images, labels) of the whole set, in the stored space."""
+    return (self.param.decode_images(self.images),
+            self.param.decode_labels(self.labels))
+
+  def by_class(self) -> jax.Array:
+    """Decoded images grouped by class: [C, per class, H, W, ch]."""
+    images, _ = self.decoded()
+    classes = np.tile(self.layout.classes, self.param.images_per_stored)
+    index = np.argsort(classes, kind='stable').reshape(self.layout.num_classes, -1)
+    return images[index]
+
+
+class Backbone:
+  """A distillation method. Override what differs; the defaults are the
+  common case (one update per iteration on `loss`)."""
+  name: str = ''  # registry name
+  title: str = ''  # how results name it, e.g. 'MTT' (default: NAME)
+  config_key: str = ''  # its section of the config (default: name)
+  needs_experts: bool = False  # mode=experts has work to do
+  # How its stored images decode, unless param.name says otherwise (IDC:
+  # multi-formation tiles in [0, 1] pixel space).
+  parameterization: Parameterization = Parameterization()
+
+  def __init__(self, network):
     self.network = network
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    cls.config_key = cls.config_key or cls.name
+    cls.title = cls.title or cls.name.upper()
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:
-    """The backbone's sub-dict: scalars, plus `per_subset` with an empty
-    tuple for each name in `per_subset` (empty = the scalar for every
-    subset)."""
-    raise NotImplementedError
+    """The method's section: scalars, plus `per_subset` with an empty tuple
+    for each setting SeqMatch may set per subset (empty = the scalar for
+    every subset). `iterations` and `lr_img` are required."""
+    c = ml_collections.ConfigDict()
+    c.iterations = 1000
+    c.lr_img = 1.0
+    c.per_subset = ml_collections.ConfigDict({'iterations': (), 'lr_img': ()})
+    return c
 
   @classmethod
-  def validate(cls, config: ml_collections.ConfigDict,
-               plans: list[SubsetPlan]) -> None:
-    """Raises ConfigError for a bad value of the backbone's own settings."""
+  def validate(cls, plans: list[SubsetPlan]) -> list[SubsetPlan]:
+    """Checks the method's settings (ConfigError naming the key) and returns
+    the plans with its automatic values decided; they are recorded with each
+    subset and compared when a run resumes."""
     for p in plans:
       for name in ('iterations', 'lr_img'):
         if getattr(p, name) <= 0:
           raise ConfigError(f'{cls.config_key}.{name} of subset {p.index + 1} '
                             f'must be positive, got {getattr(p, name)}.')
-
-  # -- state ----------------------------------------------------------------
-  def init_extras(self, plan: SubsetPlan) -> dict:
-    """Learnable scalars besides the images (MTT: the step size)."""
-    return {}
-
-  def optimizers(self, plan: SubsetPlan) -> tuple[optax.GradientTransformation,
-                                                  optax.GradientTransformation]:
-    """(images, extras) optimizers: SGD with momentum 0.5 on the pixels, as
-    every official backbone."""
-    return optax.sgd(plan.lr_img, momentum=0.5), optax.identity()
-
-  def project_extras(self, extras: dict, plan: SubsetPlan) -> dict:
-    return extras
-
-  def init_aux(self, plan: SubsetPlan, images: jax.Array) -> dict:
-    """Extra checkpointed state a `post_step` keeps (e.g. an image EMA)."""
-    return {}
-
-  def post_step(self, plan: SubsetPlan, state):
-    return state
-
-  def keep_best(self, plan: SubsetPlan, state):
-    """Called when validation picks `state` as the best so far: keeps in
-    `aux` what must travel with the best images (FTD: their EMA)."""
-    return state
+    return plans
 
   @classmethod
-  def eval_protocol(cls, config: ml_collections.ConfigDict, epochs: int):
-    """How sets of this backbone are evaluated (and, for SeqMatch, how
-    networks learn the earlier subsets): MTT's protocol from `eval.*`."""
-    from seqmatch_jax import evaluate  # pylint: disable=g-import-not-at-top
-    return evaluate.Protocol(epochs=epochs, batch_size=config.eval.batch_size,
-                             momentum=config.eval.momentum,
-                             weight_decay=config.eval.weight_decay,
-                             augment=config.augment.strategy,
-                             parallel=config.eval.parallel,
-                             trim_short_batch=config.eval.trim_short_batch)
+  def protocol(cls, common: Protocol, settings: ml_collections.ConfigDict) -> Protocol:
+    """How the method's sets are evaluated (and its staged networks trained):
+    the common protocol from `eval.*`, or the method's official one."""
+    del settings
+    return common
 
-  def initial_images(self, key: jax.Array, ctx, sizes: list[int]) -> np.ndarray:
-    """The whole trainable set at iteration 0 (Algorithm 1 line 1), in the
-    backbone's stored form, laid out as `seqmatch.subset_layout`."""
-    from seqmatch_jax import seqmatch  # pylint: disable=g-import-not-at-top
-    return seqmatch.initial_images(key, ctx.x_train, ctx.y_train, sizes,
-                                   ctx.num_classes, self.config.distill.pix_init)
-
-  def decode(self, images, labels, subset, preprocessor=None):
-    """(model-space training images, labels, subset ids) of a stored set:
-    what evaluation trains on. The identity for every backbone that stores
-    model-space images (IDC stores [0,1] tiles that decode to several)."""
-    return images, labels, subset
-
-  def eval_lr(self, extras: dict) -> float:
-    """The step size evaluation trains this subset's stage with."""
-    return float(self.config.eval.lr)
-
-  # -- per iteration ----------------------------------------------------------
   def prepare(self, ctx, plan: SubsetPlan, done: Done) -> Source:
-    """Host-side preparation of subset `plan.index` (e.g. staged experts)."""
+    """Host-side preparation of subset `plan.index` (e.g. staged experts).
+    Default: the real training images by class (`real_data`), which a loss
+    samples per class inside the step."""
+    del plan, done
+    return real_data.RealImagesByClass(ctx.x_train, ctx.y_train, ctx.num_classes)
+
+  def init(self, plan: SubsetPlan, source: Source, images: np.ndarray,
+           labels: np.ndarray) -> tuple[Trainable, dict]:
+    """(trainable tree, optimizers): the subset's initial stored images and
+    integer labels become {images, labels, extras, aux}; one optimizer per
+    learnable group (absent groups are not learned). Default: SGD(lr_img,
+    momentum 0.5) on the pixels, as every official backbone; fixed labels."""
+    del source
+    trainable = dict(images=jnp.asarray(images), labels=jnp.asarray(labels),
+                     extras={}, aux={})
+    return trainable, {'images': optax.sgd(plan.lr_img, momentum=0.5)}
+
+  def loss(self, plan: SubsetPlan, syn: SynSet, inner: Any, key: jax.Array,
+           data: Any) -> jax.Array:
+    """The matching loss of the whole synthetic set `syn` for one trajectory
+    (`inner`: its resource, e.g. an expert window)."""
     raise NotImplementedError
 
-  def matches(self, plan: SubsetPlan) -> int:
-    """Image updates per iteration (DC: its outer loop)."""
-    return 1
-
-  def step_per_class(self, plan: SubsetPlan) -> bool:
-    """One image step per class (IDC) instead of one on the summed loss."""
-    return False
-
-  def init_inner(self, plan: SubsetPlan, resource: Any, key: jax.Array,
-                 data: Any) -> Any:
-    """Per-trajectory state at the start of an iteration (e.g. a fresh
-    network); MTT's is its expert window."""
-    return resource
-
-  def loss(self, plan: SubsetPlan, images: jax.Array, labels: jax.Array,
-           extras: dict, inner: Any, key: jax.Array, data: Any,
-           class_index: jax.Array | None = None) -> jax.Array:
-    """The matching loss of the whole synthetic set `images` (frozen subsets
-    first, already under stop_gradient) for one trajectory; with
-    `class_index`, the loss of that class alone."""
-    raise NotImplementedError
-
-  def net_update(self, plan: SubsetPlan, inner: Any, images: jax.Array,
-                 labels: jax.Array, key: jax.Array, data: Any) -> Any:
-    """Between two matches (DC: train the network on the synthetic set)."""
-    return inner
+  def step(self, plan: SubsetPlan, trainable: Trainable, opt_state: dict, io):
+    """One distillation iteration inside the jitted step: returns
+    (trainable, opt_state, metrics). `io` is distill.StepIO."""
+    loss_fn = lambda t, inner, key: self.loss(plan, io.synset(t), inner, key, io.data)
+    trainable, opt_state, loss, grads = io.matches(
+        1, loss_fn, trainable, opt_state, io.resources)
+    return trainable, opt_state, io.metrics(loss, grads)
 
 
-def backbone_class(name: str) -> type[Backbone]:
-  if name not in REGISTRY:
-    raise ConfigError(f'Unknown backbone.name {name!r}; choose one of '
-                      f'{", ".join(REGISTRY)}.')
-  module, cls = REGISTRY[name].split(':')
-  return getattr(importlib.import_module(module), cls)
-
-
-def create(config: ml_collections.ConfigDict, network) -> Backbone:
-  return backbone_class(config.backbone.name)(config, network)
-
-
-def default_configs() -> dict[str, ml_collections.ConfigDict]:
-  """Each backbone's sub-dict, keyed by its config key (shared keys once)."""
-  out = {}
-  for name in REGISTRY:
-    cls = backbone_class(name)
-    out.setdefault(cls.config_key, cls.default_config())
-  return out
-
-
-def settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The chosen backbone's sub-dict."""
-  return config[backbone_class(config.backbone.name).config_key]
-
-
-class RealImagesByClass(Source):
-  """The real training images grouped by class, for backbones that compare
-  per-class statistics of real and synthetic batches inside the step (DM,
-  DC/DSA). `data`: the images, an index table [C, max class size] with each
-  class's count, and `syn_index` [C, images per class] locating each class
-  in the synthetic set (frozen subsets first, then the trainable one)."""
-
-  def __init__(self, x_train, y_train, syn_labels, num_classes: int):
-    y = np.asarray(y_train)
-    rows = [np.flatnonzero(y == c) for c in range(num_classes)]
-    if min(len(r) for r in rows) == 0:
-      raise ConfigError('Every class needs real training images; class '
-                        f'{[c for c, r in enumerate(rows) if not len(r)][0]} has none.')
-    width = max(len(r) for r in rows)
-    index = np.zeros((num_classes, width), np.int32)
-    for c, r in enumerate(rows):
-      index[c, :len(r)] = r
-    syn_labels = np.asarray(syn_labels)
-    syn_index = np.argsort(syn_labels, kind='stable').reshape(num_classes, -1)
-    self.data = dict(x=x_train, index=jnp.asarray(index),
-                     count=jnp.asarray([len(r) for r in rows], jnp.int32),
-                     syn_index=jnp.asarray(syn_index, jnp.int32))
-
-
-def sample_class_batches(key: jax.Array, data: dict, batch: int):
-  """Per class, `batch` distinct random real images (all of a class that has
-  fewer: the rest is masked, as the official code takes what there is).
-  Returns (images [C, batch, H, W, ch], mask [C, batch])."""
-  index, count = data['index'], data['count']
-  batch = min(batch, index.shape[1])
-  u = jax.random.uniform(key, index.shape)
-  u = jnp.where(jnp.arange(index.shape[1])[None] < count[:, None], u, 2.0)
-  rows = jnp.take_along_axis(index, jnp.argsort(u, axis=1)[:, :batch], 1)
-  mask = (jnp.arange(batch)[None] < count[:, None]).astype(jnp.float32)
-  return data['x'][rows], mask
-
-
-def synthetic_by_class(images: jax.Array, data: dict) -> jax.Array:
-  """The synthetic set as [C, images per class, H, W, ch]."""
-  return images[data['syn_index']]
-
-
-class RealDataBackbone(Backbone):
-  """Backbones that compare real and synthetic batches class by class on a
-  fresh random network each iteration (DM, DC/DSA)."""
-
-  def prepare(self, ctx, plan, done):
-    labels = np.concatenate([np.asarray(done.labels, np.int32),
-                             np.repeat(np.arange(ctx.num_classes), plan.ipc)])
-    return RealImagesByClass(ctx.x_train, ctx.y_train, labels, ctx.num_classes)
-
-  def init_inner(self, plan, resource, key, data):
-    return self.network.init(key)  # a fresh random network per iteration
-
-  def class_batches(self, plan, images, key, data):
-    """(real [C, B, ...], its mask [C, B], synthetic [C, n, ...], one
-    augmentation key per class) for one match."""
-    real_key, aug_key = jax.random.split(key)
-    real, mask = sample_class_batches(real_key, data, plan.batch_real)
-    syn = synthetic_by_class(images, data)
-    return real, mask, syn, jax.random.split(aug_key, real.shape[0])
-
-  @staticmethod
-  def over_classes(one_class, num_classes: int, class_index=None) -> jax.Array:
-    """`one_class(c)` for `class_index`, or summed over every class (in turn:
-    all classes at once would hold C real batches' activations)."""
-    if class_index is not None:
-      return one_class(class_index)
-    return jnp.sum(jax.lax.map(one_class, jnp.arange(num_classes)))
+def per_subset_names(cls: type[Backbone]) -> tuple[str, ...]:
+  """The settings SeqMatch may set per subset: the keys of the method's
+  `per_subset` sub-dict."""
+  return tuple(cls.default_config().per_subset.keys())

@@ -1,5 +1,5 @@
 """DC (Zhao et al., ICLR 2021) and DSA (Zhao & Bilen, ICML 2021): gradient
-matching, as backbones.
+matching, as methods.
 
 Each iteration starts a fresh random network. `outer_loop` times: per class,
 the gradient of the cross-entropy on a real batch (detached) and on the
@@ -23,6 +23,7 @@ import ml_collections
 from seqmatch_jax import augment as augment_lib
 from seqmatch_jax import training
 from seqmatch_jax.backbones import base
+from seqmatch_jax import real_data
 from seqmatch_jax.errors import ConfigError
 
 # DC/DM's DSA: torch's affine_grid default (align_corners=False).
@@ -71,13 +72,11 @@ def gradient_distance(g_real, g_syn) -> jax.Array:
   return total
 
 
-class DC(base.RealDataBackbone):
+class DC(base.Backbone):
   name = 'dc'
   title = 'DC'
   config_key = 'dc'  # DSA shares it
-  per_subset = ('iterations', 'lr_img', 'outer_loop', 'inner_loop')
-  has_net_update = True
-  siamese = False
+  siamese = False  # DSA: one DSA transform per class for real and synthetic
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:
@@ -90,56 +89,69 @@ class DC(base.RealDataBackbone):
     c.inner_loop = 0  # 0 = the official table for the run's ipc
     c.lr_net = 0.01  # SGD, no momentum, on the synthetic set
     c.batch_train = 256
-    c.per_subset = ml_collections.ConfigDict({n: () for n in cls.per_subset})
+    c.per_subset = ml_collections.ConfigDict(
+        {n: () for n in ('iterations', 'lr_img', 'outer_loop', 'inner_loop')})
     return c
 
   @classmethod
-  def validate(cls, config, plans) -> None:
-    super().validate(config, plans)
+  def validate(cls, plans):
+    plans = super().validate(plans)
+    outer, inner = official_loops(plans[0].run.ipc)
+    out = []
     for p in plans:
       for name in ('outer_loop', 'inner_loop'):
         if getattr(p, name) < 0:
           raise ConfigError(f'dc.{name} of subset {p.index + 1} must be >= 0 '
                             f'(0 = the official table), got {getattr(p, name)}.')
+      # 0: the official (outer, inner) loops of the run's ipc (`get_loops`).
+      out.append(p.resolved(outer_loop=p.outer_loop or outer,
+                            inner_loop=p.inner_loop or inner))
     for name in ('batch_real', 'batch_train', 'lr_net'):
-      if config.dc[name] <= 0:
-        raise ConfigError(f'dc.{name} must be positive, got {config.dc[name]}.')
+      if getattr(plans[0], name) <= 0:
+        raise ConfigError(f'dc.{name} must be positive, got '
+                          f'{getattr(plans[0], name)}.')
+    return out
 
-  def loops(self, plan) -> tuple[int, int]:
-    outer, inner = official_loops(self.config.ipc)
-    return plan.outer_loop or outer, plan.inner_loop or inner
-
-  def matches(self, plan) -> int:
-    return self.loops(plan)[0]
-
-  def loss(self, plan, images, labels, extras, inner, key, data, class_index=None):
+  def loss(self, plan, syn, inner, key, data):
     params, state = inner
-    real, mask, syn, aug_keys = self.class_batches(plan, images, key, data)
-    strategy = self.config.augment.strategy
+    real, mask, aug_keys = real_data.class_batches(key, data, plan.batch_real)
+    by_class = syn.by_class()
 
     def grads(x, y, m):
       return jax.grad(lambda p: training.masked_loss(
           self.network, p, state, x, y, m)[0])(params)
 
     def one_class(c):
-      r, s = real[c], syn[c]
+      r, s = real[c], by_class[c]
       if self.siamese:
-        r, s = augment_lib.augment_shared(aug_keys[c], (r, s), strategy, DSA_PARAMS)
+        r, s = augment_lib.augment_shared(aug_keys[c], (r, s), plan.run.augment,
+                                          DSA_PARAMS)
       g_real = jax.lax.stop_gradient(grads(r, jnp.full(r.shape[:1], c), mask[c]))
       g_syn = grads(s, jnp.full(s.shape[:1], c), jnp.ones(s.shape[:1]))
       return gradient_distance(g_real, g_syn)
 
-    return self.over_classes(one_class, real.shape[0], class_index)
+    return real_data.over_classes(one_class, real.shape[0])
 
-  def net_update(self, plan, inner, images, labels, key, data):
+  def train_network(self, plan, inner, syn, key):
+    """`inner_loop` epochs on the synthetic set between two matches."""
     params, state = inner
+    images, labels = syn.decoded()
     # A loader's batch is at most the set (no padding to batch_train).
-    spec = training.SGDSpec(batch_size=min(self.config.dc.batch_train, len(images)),
-                            augment=self.config.augment.strategy if self.siamese else '',
+    spec = training.SGDSpec(batch_size=min(plan.batch_train, len(images)),
+                            augment=plan.run.augment if self.siamese else '',
                             align_corners=False)
     return training.train_schedule(self.network, spec, params, state, images,
-                                   labels, key, self.config.dc.lr_net,
-                                   self.loops(plan)[1])
+                                   labels, key, plan.lr_net, plan.inner_loop)
+
+  def step(self, plan, trainable, opt_state, io):
+    """A fresh random network per trajectory; `outer_loop` matches, the
+    network trained on the synthetic set between two."""
+    inners = io.init_each(lambda resource, key: self.network.init(key))
+    loss_fn = lambda t, inner, key: self.loss(plan, io.synset(t), inner, key, io.data)
+    train = lambda inner, syn, key: self.train_network(plan, inner, syn, key)
+    trainable, opt_state, loss, grads = io.matches(
+        plan.outer_loop, loss_fn, trainable, opt_state, inners, train)
+    return trainable, opt_state, io.metrics(loss, grads)
 
 
 class DSA(DC):

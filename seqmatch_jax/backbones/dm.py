@@ -1,4 +1,4 @@
-"""DM: distribution matching (Zhao & Bilen, WACV 2023) as a backbone.
+"""DM: distribution matching (Zhao & Bilen, WACV 2023) as a method.
 
 Each iteration draws a fresh random network (never trained, no gradient to
 it) and matches, per class, the mean embedding (the flattened features the
@@ -17,17 +17,17 @@ import ml_collections
 
 from seqmatch_jax import augment as augment_lib
 from seqmatch_jax.backbones import base
+from seqmatch_jax import real_data
 from seqmatch_jax.errors import ConfigError
 
 # DC/DM's DSA: torch's affine_grid default (align_corners=False).
 DSA = augment_lib.DSAParams(align_corners=False)
 
 
-class DM(base.RealDataBackbone):
+class DM(base.Backbone):
   name = 'dm'
   title = 'DM'
   config_key = 'dm'
-  per_subset = ('iterations', 'lr_img')
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:
@@ -36,26 +36,36 @@ class DM(base.RealDataBackbone):
     c.iterations = 20000
     c.lr_img = 1.0
     c.batch_real = 256  # real images per class per iteration
-    c.per_subset = ml_collections.ConfigDict({n: () for n in cls.per_subset})
+    c.per_subset = ml_collections.ConfigDict({'iterations': (), 'lr_img': ()})
     return c
 
   @classmethod
-  def validate(cls, config, plans) -> None:
-    super().validate(config, plans)
-    if config.dm.batch_real < 1:
-      raise ConfigError(f'dm.batch_real must be positive, got {config.dm.batch_real}.')
+  def validate(cls, plans):
+    plans = super().validate(plans)
+    if plans[0].batch_real < 1:
+      raise ConfigError(f'dm.batch_real must be positive, got {plans[0].batch_real}.')
+    return plans
 
-  def loss(self, plan, images, labels, extras, inner, key, data, class_index=None):
+  def loss(self, plan, syn, inner, key, data):
     params, state = jax.lax.stop_gradient(inner)
-    real, mask, syn, aug_keys = self.class_batches(plan, images, key, data)
+    real, mask, aug_keys = real_data.class_batches(key, data, plan.batch_real)
+    by_class = syn.by_class()
     embed = lambda x: self.network.embed(params, state, x)
 
     def one_class(c):
-      r, s = augment_lib.augment_shared(aug_keys[c], (real[c], syn[c]),
-                                        self.config.augment.strategy, DSA)
+      r, s = augment_lib.augment_shared(aug_keys[c], (real[c], by_class[c]),
+                                        plan.run.augment, DSA)
       m = mask[c][:, None]
       mean_real = jnp.sum(embed(r) * m, 0) / jnp.sum(m)
       mean_syn = jnp.mean(embed(s), 0)
       return jnp.sum(jnp.square(jax.lax.stop_gradient(mean_real) - mean_syn))
 
-    return self.over_classes(one_class, real.shape[0], class_index)
+    return real_data.over_classes(one_class, real.shape[0])
+
+  def step(self, plan, trainable, opt_state, io):
+    """One update on a fresh random network per trajectory (never trained)."""
+    inners = io.init_each(lambda resource, key: self.network.init(key))
+    loss_fn = lambda t, inner, key: self.loss(plan, io.synset(t), inner, key, io.data)
+    trainable, opt_state, loss, grads = io.matches(1, loss_fn, trainable, opt_state,
+                                                   inners)
+    return trainable, opt_state, io.metrics(loss, grads)

@@ -1,4 +1,4 @@
-"""FTD: flat trajectory distillation (Du et al., CVPR 2023) as a backbone.
+"""FTD: flat trajectory distillation (Du et al., CVPR 2023) as a method.
 
 FTD is MTT with two changes (official code: AngusDujw/FTD-distillation
 `buffer/buffer_FTD.py`, `distill/distill_FTD.py`):
@@ -6,9 +6,10 @@ FTD is MTT with two changes (official code: AngusDujw/FTD-distillation
     trajectories the student matches run through flat regions
     (`experts.optimizer=gsam`, training.gsam_direction);
   * an exponential moving average of the synthetic images is kept beside
-    them (`post_step`): e <- d e + (1 - d) x after every step, from the
+    them (in `aux['ema']`): e <- d e + (1 - d) x after every step, from the
     initial images, no bias correction, never fed back into the matching.
-    Evaluation scores the raw and the EMA set each on fresh networks.
+    Evaluation scores the raw and the EMA set each on fresh networks; the
+    best iterate keeps its EMA (the whole trainable tree is copied).
 
 Under SeqMatch every subset keeps its own EMA (reset to its initial images)
 and the staged experts of subsets k >= 2 are GSAM experts too.
@@ -20,7 +21,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from seqmatch_jax import experts as experts_lib
-from seqmatch_jax.backbones import base
 from seqmatch_jax.backbones.mtt import MTT, PER_SUBSET
 from seqmatch_jax.errors import ConfigError
 
@@ -29,7 +29,6 @@ class FTD(MTT):
   name = 'ftd'
   title = 'FTD'
   config_key = 'ftd'
-  per_subset = PER_SUBSET + ('ema_decay',)
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:
@@ -41,37 +40,41 @@ class FTD(MTT):
     return c
 
   @classmethod
-  def validate(cls, config, plans) -> None:
-    super().validate(config, plans)
-    if config.experts.optimizer != 'gsam':
+  def validate(cls, plans):
+    plans = super().validate(plans)
+    if plans[0].run.experts.optimizer != 'gsam':
       raise ConfigError(
-          'backbone.name=ftd matches flat (GSAM) expert trajectories; add '
+          f'backbone.name={cls.name} matches flat (GSAM) expert trajectories; add '
           '--config.experts.optimizer=gsam (rho experts.rho, alpha '
-          'experts.alpha), or use backbone.name=mtt for SGD experts.')
+          f'experts.alpha), or use backbone.name=mtt for SGD experts.')
     for p in plans:
       if not 0.0 <= p.ema_decay < 1.0:
-        raise ConfigError(f'ftd.ema_decay of subset {p.index + 1} must lie in '
-                          f'[0, 1), got {p.ema_decay}.')
+        raise ConfigError(f'{cls.config_key}.ema_decay of subset {p.index + 1} '
+                          f'must lie in [0, 1), got {p.ema_decay}.')
+    return plans
 
   def prepare(self, ctx, plan, done):
     if plan.index == 0:  # given experts (experts.dir) must be flat ones
       meta = experts_lib.TrajectoryStore(ctx.experts_dir).metadata
       if meta.get('optimizer', 'sgd') != 'gsam':
         raise ConfigError(
-            f'backbone.name=ftd needs GSAM experts, but {ctx.experts_dir} holds '
-            f'{meta.get("optimizer", "sgd")} experts; point experts.dir at GSAM '
-            'experts or train them with --config.experts.optimizer=gsam.')
+            f'backbone.name={self.name} needs GSAM experts, but {ctx.experts_dir} '
+            f'holds {meta.get("optimizer", "sgd")} experts; point experts.dir at '
+            'GSAM experts or train them with --config.experts.optimizer=gsam.')
     return super().prepare(ctx, plan, done)
 
-  def init_aux(self, plan: base.SubsetPlan, images) -> dict:
-    # Own buffers (the step may donate the state); `best_ema` is the EMA at
-    # the iterate validation keeps (see keep_best).
-    return {'ema': jnp.copy(images), 'best_ema': jnp.copy(images)}
+  def init(self, plan, source, images, labels):
+    trainable, optimizers = super().init(plan, source, images, labels)
+    # Its own buffer: the step may donate the state.
+    trainable['aux'] = {'ema': jnp.copy(trainable['images'])}
+    return trainable, optimizers
 
-  def post_step(self, plan: base.SubsetPlan, state):
-    d = plan.ema_decay
-    ema = d * state.aux['ema'] + (1.0 - d) * state.images
-    return state.replace(aux=dict(state.aux, ema=ema))
+  def step(self, plan, trainable, opt_state, io):
+    trainable, opt_state, metrics = super().step(plan, trainable, opt_state, io)
+    return ema_update(plan.ema_decay, trainable), opt_state, metrics
 
-  def keep_best(self, plan: base.SubsetPlan, state):
-    return state.replace(aux=dict(state.aux, best_ema=jnp.copy(state.aux['ema'])))
+
+def ema_update(decay: float, trainable: dict) -> dict:
+  """e <- d e + (1 - d) x on the images after a step (FTD's ModelEmaV2)."""
+  ema = decay * trainable['aux']['ema'] + (1.0 - decay) * trainable['images']
+  return dict(trainable, aux=dict(trainable['aux'], ema=ema))

@@ -1,4 +1,4 @@
-"""MTT: trajectory matching (Cazenavette et al., CVPR 2022) as a backbone.
+"""MTT: trajectory matching (Cazenavette et al., CVPR 2022) as a method.
 
 Each iteration samples T expert windows (θ_t, θ_{t+M}) from trajectories
 trained on real data; the loss unrolls a student from θ_t on the synthetic
@@ -11,6 +11,7 @@ realises it).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from absl import logging
@@ -30,14 +31,13 @@ from seqmatch_jax.models import Network
 
 PER_SUBSET = ('iterations', 'lr_img', 'syn_steps', 'expert_epochs',
               'max_start_epoch', 'lr_teacher', 'lr_lr')
+START_RULES = ('auto', 'mtt', 'seqmatch')
 
 
 class MTT(base.Backbone):
   name = 'mtt'
   title = 'MTT'
   config_key = 'mtt'
-  per_subset = PER_SUBSET
-  learned_lr = True
   needs_experts = True
 
   @classmethod
@@ -63,80 +63,97 @@ class MTT(base.Backbone):
     return c
 
   @classmethod
-  def validate(cls, config, plans) -> None:
-    super().validate(config, plans)
+  def validate(cls, plans):
+    plans = super().validate(plans)
     key = cls.config_key
-    if config[key].start_epochs not in ('auto', 'mtt', 'seqmatch'):
+    rule = plans[0].start_epochs
+    if rule not in START_RULES:
       raise ConfigError(f"{key}.start_epochs must be auto|mtt|seqmatch, got "
-                        f'{config[key].start_epochs!r}.')
+                        f'{rule!r}.')
+    if rule == 'auto':
+      rule = 'seqmatch' if plans[0].run.num_subsets > 1 else 'mtt'
+    out = []
     for p in plans:
+      p = p.resolved(start_epochs=rule)
       for name in PER_SUBSET:
         if getattr(p, name) <= 0:
           raise ConfigError(f'{key}.{name} of subset {p.index + 1} must be '
                             f'positive, got {getattr(p, name)}.')
-      bound = start_bound(config, p)
+      bound = start_bound(p)
       if bound < 1:
         raise ConfigError(
             f'Subset {p.index + 1}: max_start_epoch {p.max_start_epoch} leaves no '
             f'start epoch before the target: SeqMatch draws starts in [0, T+ - M) '
             f'= [0, {bound}); raise max_start_epoch above expert_epochs '
             f'{p.expert_epochs} (or set --config.{key}.start_epochs=mtt).')
-      horizon = config.experts.epochs if p.index == 0 else config.experts.staged_epochs
+      horizon = p.run.experts.epochs if p.index == 0 else p.run.staged_epochs
       which = 'experts.epochs' if p.index == 0 else 'experts.staged_epochs'
       if bound - 1 + p.expert_epochs > horizon:
         raise ConfigError(
             f'Subset {p.index + 1}: the last start epoch {bound - 1} + '
             f'expert_epochs {p.expert_epochs} exceeds {which}={horizon}; '
             f'lower them or raise {which}.')
+      if p.index > 0:  # what trains its staged experts: recorded, compared
+        p = p.resolved(staged=staged_record(p.run))
+      out.append(p)
     if plans[0].min_syn_lr <= 0:
       raise ConfigError(f'{key}.min_syn_lr must be positive, got '
                         f'{plans[0].min_syn_lr}.')
     if plans[0].batch_syn < 0:
       raise ConfigError(f'{key}.batch_syn must be >= 0, got {plans[0].batch_syn}.')
+    return out
 
-  def init_extras(self, plan):
-    return {'syn_lr': jnp.asarray(plan.lr_teacher, jnp.float32)}
-
-  def optimizers(self, plan):
-    """SGD with momentum 0.5 for the pixels and for the step size (reference)."""
-    return (optax.sgd(plan.lr_img, momentum=0.5),
-            optax.sgd(plan.lr_lr, momentum=0.5))
-
-  def project_extras(self, extras, plan):
-    # Keeps the step size positive (the reference lets it go negative or
-    # explode, MTT issues 16/24/31) without changing its dynamics while it is
-    # positive.
-    return {'syn_lr': jnp.maximum(extras['syn_lr'], plan.min_syn_lr)}
-
-  def eval_lr(self, extras) -> float:
-    return float(parallel.fetch(extras['syn_lr']))
+  def init(self, plan, source, images, labels):
+    """The images and the learnable step size syn_lr (from lr_teacher), each
+    with SGD momentum 0.5 (the reference)."""
+    trainable, _ = super().init(plan, source, images, labels)
+    trainable['extras'] = {'syn_lr': jnp.asarray(plan.lr_teacher, jnp.float32)}
+    return trainable, {'images': optax.sgd(plan.lr_img, momentum=0.5),
+                       'extras': optax.sgd(plan.lr_lr, momentum=0.5)}
 
   def batch_syn(self, plan) -> int:
     return plan.batch_syn or plan.ipc * self.network.num_classes
 
-  def loss(self, plan, images, labels, extras, inner, key, data,
-           class_index=None):
+  def loss(self, plan, syn, inner, key, data):
     start, target = inner
+    images, labels = syn.decoded()
     params_end = matching.unroll_student(
-        self.network, start, images, labels, extras['syn_lr'], key,
+        self.network, start, images, labels, syn.extras['syn_lr'], key,
         num_steps=plan.syn_steps, batch_size=self.batch_syn(plan),
-        augment=self.config.augment.strategy, remat=plan.remat)
+        augment=plan.run.augment, remat=plan.remat)
     return matching.match_loss(params_end, start, target)
+
+  def step(self, plan, trainable, opt_state, io):
+    trainable, opt_state, metrics = super().step(plan, trainable, opt_state, io)
+    return project_syn_lr(plan, trainable), opt_state, metrics
 
   def prepare(self, ctx, plan, done):
     store = (experts_lib.TrajectoryStore(ctx.experts_dir) if plan.index == 0
-             else staged_experts(ctx, plan.index, done))
-    return ExpertWindows(store, plan, ctx.config.seed,
-                         start_bound(ctx.config, plan))
+             else staged_experts(ctx, plan, done))
+    return ExpertWindows(store, plan, plan.run.seed, start_bound(plan))
 
 
-def start_bound(config, plan: base.SubsetPlan) -> int:
+def project_syn_lr(plan, trainable: dict) -> dict:
+  """Keeps the step size positive (the reference lets it go negative or
+  explode, MTT issues 16/24/31) without changing its dynamics while it is
+  positive."""
+  extras = dict(trainable['extras'])
+  extras['syn_lr'] = jnp.maximum(extras['syn_lr'], plan.min_syn_lr)
+  return dict(trainable, extras=extras)
+
+
+def staged_record(run: base.RunInfo) -> dict:
+  """What trains the staged experts of subsets k >= 2: the networks' protocol
+  (on S_1..S_{k-1}) and the real-data expert schedule after it."""
+  spec = dataclasses.replace(run.experts, epochs=run.staged_epochs)
+  return dict(protocol=dataclasses.asdict(run.protocol),
+              experts=dataclasses.asdict(spec))
+
+
+def start_bound(plan: base.SubsetPlan) -> int:
   """Start epochs are drawn from [0, bound): MTT's bound is T+; the official
   SeqMatch code's is T+ - M, for every subset of a SeqMatch run."""
-  rule = base.settings(config).start_epochs  # mtt.* or ftd.*
-  if rule == 'auto':
-    rule = 'seqmatch' if config.seqmatch.num_subsets > 1 else 'mtt'
-  if rule == 'seqmatch':
+  if plan.start_epochs == 'seqmatch':
     return plan.max_start_epoch - plan.expert_epochs
   return plan.max_start_epoch
 
@@ -170,17 +187,17 @@ class ExpertWindows(base.Source):
 
 
 def sample_picks(experts: list[int], plan: base.SubsetPlan, seed: int,
-                 iteration: int, count: int,
-                 bound: int | None = None) -> list[tuple[int, int]]:
-  """(expert id, start epoch in [0, bound)) per trajectory: a pure function of
-  (seed, subset, iteration, count), so a resumed run, on any number of hosts,
-  samples exactly what the uninterrupted one did."""
+                 iteration: int, count: int, bound: int | None = None,
+                 low: int = 0) -> list[tuple[int, int]]:
+  """(expert id, start epoch in [low, bound)) per trajectory: a pure function
+  of (seed, subset, iteration, count), so a resumed run, on any number of
+  hosts, samples exactly what the uninterrupted one did."""
   bound = plan.max_start_epoch if bound is None else bound
   rng = np.random.default_rng([seed, plan.index, iteration])
   picks = []
   for _ in range(count):
     e = int(rng.choice(experts))
-    t = int(rng.integers(0, bound))
+    t = int(rng.integers(low, bound))
     picks.append((e, t))
   return picks
 
@@ -214,28 +231,34 @@ def staged_init_fn(network: Network, protocol: evaluate_lib.Protocol,
   return lambda i, key: trainer(key, lrs, tuple(stages))
 
 
-def staged_experts(ctx, k: int, done: base.Done) -> experts_lib.TrajectoryStore:
+def staged_experts(ctx, plan: base.SubsetPlan,
+                   done: base.Done) -> experts_lib.TrajectoryStore:
   """Subset k+1's experts (k >= 1): built, or finished, in
   WORKDIR/experts_staged/subset_{k+1}."""
-  config = ctx.config
-  protocol = evaluate_lib.protocol_from_config(config)
-  stages = evaluate_lib.stage_sets(done.images, done.labels, done.subset)
+  k = plan.index
+  run = plan.run
+  images, labels, subset = run.param.decode_set(
+      done.images, done.labels, done.subset,
+      ctx.preprocessor.to_model if ctx.preprocessor else None)
+  stages = evaluate_lib.stage_sets(images, labels, subset)
   # Same optimiser as the real-data experts: SeqMatch-FTD's are GSAM too.
-  spec = experts_lib.spec_from_config(config, config.experts.staged_epochs)
+  spec = dataclasses.replace(run.experts, epochs=run.staged_epochs)
   subsets = [done.images[done.subset == i] for i in range(k)]
   meta = dict(ctx.expert_metadata, start=f'staged on subsets 1..{k}',
               stage_lrs=[float(v) for v in done.lrs[:k]],
-              stages_crc=experts_lib.tree_crc32(subsets))
+              stages_crc=experts_lib.tree_crc32(subsets),
+              stage_protocol=dataclasses.asdict(run.protocol))
+  if np.ndim(done.labels) == 2:  # learned soft labels train the stages too
+    meta['stage_labels_crc'] = experts_lib.tree_crc32([done.labels])
   path = os.path.join(ctx.workdir, 'experts_staged', f'subset_{k + 1}')
   logging.info('building %d staged experts for subset %d in %s', spec.num, k + 1,
                path)
   store = experts_lib.train_experts(
       ctx.network, spec, path, ctx.x_train, ctx.y_train, ctx.x_test, ctx.y_test,
       jax.random.fold_in(ctx.key, 200 + k), meta,
-      init_fn=staged_init_fn(ctx.network, protocol, stages, done.lrs[:k]),
+      init_fn=staged_init_fn(ctx.network, run.protocol, stages, done.lrs[:k]),
       expert_ids=parallel.process_share(spec.num),
-      should_stop=ctx.should_stop, writer=ctx.writer,
-      mesh=parallel.model_mesh(config.parallel.num_devices),
+      should_stop=ctx.should_stop, writer=ctx.writer, mesh=ctx.model_mesh,
       progress=ctx.progress)
   parallel.barrier(f'staged experts {ctx.workdir} {k + 1}')
   if parallel.agree(len(store.experts()) < spec.num):
