@@ -79,6 +79,15 @@ def init_state(trainable: Trainable, optimizers: dict, key: jax.Array) -> Distil
       best=jax.tree.map(jnp.copy, trainable))
 
 
+def join_labels(frozen, labels):
+  """The frozen subsets' labels then the trainable subset's (no frozen
+  subsets: its own, whatever their form: integers or soft labels)."""
+  if frozen.shape[0] == 0:
+    return labels
+  xp = np if isinstance(labels, np.ndarray) and isinstance(frozen, np.ndarray) else jnp
+  return xp.concatenate([frozen, labels])
+
+
 class StepIO:
   """What a method's `step` gets inside the jitted iteration: the frozen
   subsets, this device's trajectories (resources and keys), the source's
@@ -101,7 +110,7 @@ class StepIO:
     """The matched set: the frozen subsets (no gradient) then `trainable`."""
     frozen = jax.tree.map(jax.lax.stop_gradient, self.frozen)
     return SynSet(jnp.concatenate([frozen['images'], trainable['images']]),
-                  jnp.concatenate([frozen['labels'], trainable['labels']]),
+                  join_labels(frozen['labels'], trainable['labels']),
                   trainable['extras'], self.layout, self.param)
 
   def init_each(self, fn: Callable[[Any, jax.Array], Any]) -> Any:
@@ -463,7 +472,7 @@ def _evaluate(backbone: Backbone, state: DistillState, evaluate_fn, frozen, writ
   trainable = parallel.fetch(state.trainable)
   frozen = parallel.fetch(frozen)
   images = np.concatenate([frozen['images'], trainable['images']])
-  labels = np.concatenate([frozen['labels'], trainable['labels']])
+  labels = join_labels(frozen['labels'], trainable['labels'])
   score = float(evaluate_fn(images, labels, eval_lr(plan, trainable['extras']), it))
   logging.info('subset %d iteration %d: validation accuracy %.4f', plan.index + 1,
                it, score)

@@ -87,9 +87,9 @@ def step_setup(backbone, plan, images, labels, *, frozen=None, frozen_labels=Non
 def synset(images, labels, plan, num_classes: int, extras=None):
   """A SynSet of stored `images` (class layout from integer `labels`)."""
   from seqmatch_jax.backbones import Layout, SynSet  # pylint: disable=g-import-not-at-top
-  classes = np.asarray(labels)
-  if classes.ndim == 2:
-    classes = classes.argmax(-1)
+  # Soft (possibly traced) labels: the layout's classes are not used then.
+  classes = (np.zeros(labels.shape[0], np.int32) if np.ndim(labels) == 2
+             else np.asarray(labels))
   layout = Layout(classes.astype(np.int32), np.zeros(len(classes), np.int32),
                   num_classes)
   return SynSet(jnp.asarray(images), jnp.asarray(labels), extras or {}, layout,
