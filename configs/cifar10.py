@@ -3,9 +3,10 @@ FTD (`ftd.*`, experts.alpha) per FTD's Table 7.
 
 Variants: configs/cifar10.py:ipc=1|10|50 and `k=N` (k=1: plain MTT);
 `backbone=idc` with ipc=10|50 (IDC / SeqMatch-IDC; ipc=50,k=2: the official
-SeqMatch-IDC script).
+SeqMatch-IDC script); `backbone=datm` with ipc=1|10|50 (DATM / SeqMatch-DATM).
 """
 from seqmatch_jax import config_lib
+from seqmatch_jax.backbones import datm
 
 TABLES = {
     # MTT: N 50, M 2, T+ 2, lr_img 100, lr_lr 1e-7, lr_teacher 0.01, ZCA.
@@ -56,6 +57,23 @@ IDC_TABLES = {
 }
 
 
+# DATM (configs/cifar10.py:ipc=N,backbone=datm): the official configs/CIFAR-10
+# rows; SeqMatch-DATM splits K as the paper's rule (ipc 10: 2, ipc 50: 3), the
+# plain row (k=1, and the compare_backbone run) is DATM's own.
+DATM_TABLES = {
+    1: datm.official_row(syn_steps=80, expert_epochs=2, lr_img=100.0, lr_y=5.0,
+                           batch_syn=10, window=(0, 4, 4), lr_lr=1e-7,
+                           sequential=False, threshold=1.1),
+    10: datm.official_row(syn_steps=80, expert_epochs=2, lr_img=100.0, lr_y=2.0,
+                            batch_syn=100, window=(0, 10, 20), lr_lr=1e-5,
+                            expansion_end=1000, num_subsets=2),
+    50: datm.official_row(syn_steps=80, expert_epochs=2, lr_img=1000.0, lr_y=2.0,
+                            batch_syn=500, window=(0, 20, 40), lr_lr=1e-5,
+                            expansion_end=2000, num_subsets=3),
+}
+
+
 def get_config(arg=None):
   return config_lib.table_config('cifar10', arg, TABLES,
-                                 backbone_tables={'idc': IDC_TABLES})
+                                 backbone_tables={'idc': IDC_TABLES,
+                                                  'datm': DATM_TABLES})

@@ -2,9 +2,11 @@
 FTD (`ftd.*`, experts.alpha) per FTD's Table 7.
 
 Variants: configs/cifar100.py:ipc=1|10|50 and `k=N` (k=1: plain MTT);
-`backbone=idc` with ipc=10|20|50 (IDC / SeqMatch-IDC).
+`backbone=idc` with ipc=10|20|50 (IDC / SeqMatch-IDC); `backbone=datm` with
+ipc=1|10|50 (DATM / SeqMatch-DATM).
 """
 from seqmatch_jax import config_lib
+from seqmatch_jax.backbones import datm
 
 TABLES = {
     1: {'mtt.syn_steps': 20, 'mtt.expert_epochs': 3,
@@ -47,6 +49,24 @@ IDC_TABLES = {
 }
 
 
+# DATM (configs/cifar100.py:ipc=N,backbone=datm): the official
+# configs/CIFAR-100 rows (ipc 50 starts from random real images, a fixed
+# window [20, 70)); SeqMatch-DATM's K as the paper's rule.
+DATM_TABLES = {
+    1: datm.official_row(syn_steps=40, expert_epochs=3, lr_img=1000.0, lr_y=10.0,
+                           batch_syn=1000, window=(0, 10, 20), lr_lr=1e-5,
+                           expansion_end=1000),
+    10: datm.official_row(syn_steps=80, expert_epochs=2, lr_img=1000.0,
+                            lr_y=10.0, batch_syn=1000, window=(0, 30, 50),
+                            lr_lr=1e-5, expansion_end=2000, num_subsets=2),
+    50: datm.official_row(syn_steps=80, expert_epochs=2, lr_img=1000.0,
+                            lr_y=10.0, batch_syn=1000, window=(20, 70, 70),
+                            lr_lr=1e-5, sequential=False, select_correct=False,
+                            num_subsets=3),
+}
+
+
 def get_config(arg=None):
   return config_lib.table_config('cifar100', arg, TABLES,
-                                 backbone_tables={'idc': IDC_TABLES})
+                                 backbone_tables={'idc': IDC_TABLES,
+                                                  'datm': DATM_TABLES})

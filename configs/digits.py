@@ -2,7 +2,7 @@
 default. Sized so that `mode=all` (experts, SeqMatch K=2 and the plain-MTT
 comparison, evaluation with baselines) finishes in minutes on a 2-core CPU.
 
-Variants: configs/digits.py:ipc=N,k=N.
+Variants: configs/digits.py:ipc=N,k=N, and backbone=idc|datm (their rows).
 """
 from seqmatch_jax import config_lib
 
@@ -77,6 +77,31 @@ IDC_TABLES = {
 }
 
 
+# DATM (configs/digits.py:backbone=datm): the official loop (GSAM experts,
+# widening window, soft labels, images the experts classify correctly,
+# threshold 1) at this CPU's size: the MTT row's N, M and lr_img, windows
+# inside the digits experts' 15 (staged: 10) epochs.
+_DATM = {'experts.optimizer': 'gsam', 'datm.syn_steps': 20, 'datm.expert_epochs': 2,
+         'datm.lr_y': 2.0, 'datm.lr_lr': 1e-5, 'datm.lr_teacher': 0.01,
+         'datm.threshold': 1.0, 'datm.min_start_epoch': 0}
+DATM_TABLES = {
+    1: dict(_DATM, **{'datm.iterations': 200, 'datm.lr_img': 100.0,
+                      'datm.current_max_start_epoch': 2, 'datm.max_start_epoch': 4,
+                      'datm.expansion_end_epoch': 100, 'seqmatch.num_subsets': 1}),
+    # K 2; plain DATM (k=1, compare_backbone) gets the 300 iterations
+    # SeqMatch spends over both subsets, and its window widens over them.
+    10: dict(_DATM, **{'datm.iterations': 300, 'datm.lr_img': 1000.0,
+                       'datm.current_max_start_epoch': 4, 'datm.max_start_epoch': 8,
+                       'datm.expansion_end_epoch': 200, 'seqmatch.num_subsets': 2,
+                       'datm.per_subset.iterations': (150, 150),
+                       'datm.per_subset.lr_img': (1000.0, 100.0),
+                       'datm.per_subset.current_max_start_epoch': (4, 3),
+                       'datm.per_subset.max_start_epoch': (8, 5),
+                       'datm.per_subset.expansion_end_epoch': (100, 100)}),
+}
+
+
 def get_config(arg=None):
   return config_lib.table_config('digits', arg, TABLES, BASE,
-                                 backbone_tables={'idc': IDC_TABLES})
+                                 backbone_tables={'idc': IDC_TABLES,
+                                                  'datm': DATM_TABLES})

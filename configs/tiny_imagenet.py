@@ -1,8 +1,10 @@
 """Tiny ImageNet (the `tiny-imagenet-200` folder; dataset.data_dir points at it).
 
-ConvNetD4 at 64x64. Variants: ipc=1|10|50, k=N.
+ConvNetD4 at 64x64. Variants: ipc=1|10|50, k=N; backbone=datm (DATM /
+SeqMatch-DATM, the official DATM rows).
 """
 from seqmatch_jax import config_lib
+from seqmatch_jax.backbones import datm
 
 BASE = {'model.depth': 4}
 TABLES = {
@@ -34,5 +36,23 @@ TABLES[50].update(config_lib.ftd_row(20, 2, 40, 1e4, 1e-4, 0.01, 1.0, 0.999,
                                      batch_syn=300))
 
 
+# DATM (configs/tiny_imagenet.py:ipc=N,backbone=datm): the official
+# configs/TinyImageNet rows (ConvNetD4, 64x64, ZCA); SeqMatch-DATM's K as the
+# paper's rule.
+DATM_TABLES = {
+    1: datm.official_row(syn_steps=40, expert_epochs=2, lr_img=1e4, lr_y=10.0,
+                           batch_syn=1000, window=(0, 15, 20), lr_lr=1e-4,
+                           expansion_end=2000),
+    10: datm.official_row(syn_steps=40, expert_epochs=2, lr_img=100.0,
+                            lr_y=10.0, batch_syn=500, window=(10, 50, 50),
+                            lr_lr=1e-4, sequential=False, num_subsets=2),
+    50: datm.official_row(syn_steps=20, expert_epochs=2, lr_img=100.0,
+                            lr_y=10.0, batch_syn=1000, window=(40, 70, 70),
+                            lr_lr=1e-4, expansion_end=1, sequential=False,
+                            num_subsets=3),
+}
+
+
 def get_config(arg=None):
-  return config_lib.table_config('tiny_imagenet', arg, TABLES, BASE)
+  return config_lib.table_config('tiny_imagenet', arg, TABLES, BASE,
+                                 backbone_tables={'datm': DATM_TABLES})

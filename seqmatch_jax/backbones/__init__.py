@@ -23,6 +23,7 @@ REGISTRY = {
     'dc': 'seqmatch_jax.backbones.dc:DC',
     'dsa': 'seqmatch_jax.backbones.dc:DSA',
     'idc': 'seqmatch_jax.backbones.idc:IDC',
+    'datm': 'seqmatch_jax.backbones.datm:DATM',
 }
 
 
