@@ -3,7 +3,8 @@ FTD (`ftd.*`, experts.alpha) per FTD's Table 7.
 
 Variants: configs/cifar100.py:ipc=1|10|50 and `k=N` (k=1: plain MTT);
 `backbone=idc` with ipc=10|20|50 (IDC / SeqMatch-IDC); `backbone=datm` with
-ipc=1|10|50 (DATM / SeqMatch-DATM).
+ipc=1|10|50 (DATM / SeqMatch-DATM);
+`backbone=dm|dc|dsa` with ipc=1|10|50 (their official rows, no ZCA).
 """
 from seqmatch_jax import config_lib
 from seqmatch_jax.backbones import datm
@@ -66,7 +67,14 @@ DATM_TABLES = {
 }
 
 
+# DM, DC, DSA (configs/cifar100.py:backbone=dm|dc|dsa, ipc=1|10|50): the
+# official DatasetCondensation rows (no ZCA, their lrs, iterations, loops and
+# init; config_lib.dc_dm_rows), K = 1/2/3 by the SeqMatch paper's rule.
+DC_DM_TABLES = {name: config_lib.dc_dm_rows(name) for name in ('dm', 'dc', 'dsa')}
+
+
 def get_config(arg=None):
   return config_lib.table_config('cifar100', arg, TABLES,
-                                 backbone_tables={'idc': IDC_TABLES,
-                                                  'datm': DATM_TABLES})
+                                 backbone_tables=dict(
+                                     {'idc': IDC_TABLES, 'datm': DATM_TABLES},
+                                     **DC_DM_TABLES))

@@ -311,12 +311,13 @@ def _affine(x: jax.Array, theta: jax.Array, align_corners: bool) -> jax.Array:
   half = lambda n: (n - 1) / 2.0 if align_corners else n / 2.0
   hy, hx = half(h), half(w)
   cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
-  v = (jnp.arange(h, dtype=jnp.float32) - cy)[None, :, None]  # rows
-  u = (jnp.arange(w, dtype=jnp.float32) - cx)[None, None, :]  # cols
+  dtype = x.dtype  # the grid in the images' precision (float64 under x64)
+  v = (jnp.arange(h, dtype=dtype) - cy)[None, :, None]  # rows
+  u = (jnp.arange(w, dtype=dtype) - cx)[None, None, :]  # cols
   # Pixel-space matrix D A D^-1 with D = diag(hx, hy); guard size-1 axes.
   ratio_xy = hx / hy if hy else 0.0
   ratio_yx = hy / hx if hx else 0.0
-  t = theta.astype(jnp.float32)
+  t = theta.astype(dtype)
   a = lambda i, j: t[:, i, j][:, None, None]
   ix = a(0, 0) * u + (a(0, 1) * ratio_xy) * v + cx
   iy = (a(1, 0) * ratio_yx) * u + a(1, 1) * v + cy

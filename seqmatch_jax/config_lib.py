@@ -78,7 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.eval_models = 1  # models per in-run evaluation (val split)
   c.distill.eval_epochs = 300  # epochs per in-run evaluation
   c.distill.checkpoint_every = 100
-  c.distill.trajectories_per_step = 0  # resources per step; 0 = number of devices
+  c.distill.trajectories_per_step = 0  # resources per step; 0 = the method's:
+  # one per device (MTT, FTD, DATM), 1 (DM, DC, DSA, IDC: their official loops)
 
   c.seqmatch = ml_collections.ConfigDict()
   c.seqmatch.num_subsets = 1  # K; 1 = the plain backbone
@@ -97,6 +98,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.whole_epochs = 30
   c.eval.synthetic = ''  # path of a saved set, for mode=evaluate
   c.eval.parallel = 'auto'  # auto | vmap | sequential
+  # backbone: each method's own official evaluation (DM/DSA: DSA with
+  # align_corners=False; DC: 300 epochs, no augmentation; IDC: its schedule and
+  # CutMix; DATM: batch 128); common: the eval.* protocol (MTT's) for every
+  # set, to compare sets of different methods under one evaluation.
+  c.eval.protocol = 'backbone'
   # Train on only the real rows of a short batch (< batch_size images; every
   # ipc-10 evaluation): 2.5x less work than padding it to batch_size, same loss
   # and gradient up to float32 summation order. BatchNorm nets always pad
@@ -257,6 +263,35 @@ def ftd_row(n: int, m: int, t_plus: int, lr_img: float, lr_lr: float,
          'ftd.ema_decay': ema, 'ftd.batch_syn': batch_syn, 'experts.alpha': alpha}
   row.update({f'ftd.per_subset.{k}': tuple(v) for k, v in per_subset.items()})
   return row
+
+
+# K per ipc by the SeqMatch paper's rule (ipc 1: the plain method; ipc 10: 2
+# subsets; ipc 50: 3), for methods without a published SeqMatch table.
+PAPER_SUBSETS = {1: 1, 10: 2, 50: 3}
+
+
+def dc_dm_rows(name: str) -> dict[int, dict]:
+  """CIFAR rows of DM, DC or DSA as their official scripts run them
+  (DatasetCondensation `main.py`, `main_DM.py` and README): mean/std
+  normalisation (no ZCA), DSA `color_crop_cutout_flip_scale_rotate`,
+  real batches of 256 per class. DM: 20,000 iterations, lr_img 1, real init.
+  DC: 1000 iterations, lr_img 0.1, the official (outer, inner) loops of the
+  ipc, noise init (`main.py`'s default); DSA: as DC with real init (the
+  README's command). SeqMatch's K per `PAPER_SUBSETS`; every subset runs the
+  method's full iteration count, as SeqMatch-MTT's subsets do."""
+  if name == 'dm':
+    row = {'dm.iterations': 20000, 'dm.lr_img': 1.0, 'dm.batch_real': 256,
+           'distill.pix_init': 'real'}
+  elif name in ('dc', 'dsa'):
+    row = {'dc.iterations': 1000, 'dc.lr_img': 0.1, 'dc.batch_real': 256,
+           'dc.outer_loop': 0, 'dc.inner_loop': 0, 'dc.lr_net': 0.01,
+           'distill.pix_init': 'noise' if name == 'dc' else 'real'}
+  else:
+    raise ValueError(f'no DC/DM row for {name!r}')
+  row.update({'dataset.zca': False,
+              'augment.strategy': 'color_crop_cutout_flip_scale_rotate'})
+  return {ipc: dict(row, **{'seqmatch.num_subsets': k})
+          for ipc, k in PAPER_SUBSETS.items()}
 
 
 def idc_seqmatch_row(num_subsets: int) -> dict:

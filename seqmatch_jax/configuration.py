@@ -55,6 +55,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if b not in BASELINES:
       raise ConfigError(f'Unknown baseline {b!r} in eval.baselines; choose from '
                         f'{", ".join(BASELINES)}.')
+  if config.eval.protocol not in ('backbone', 'common'):
+    raise ConfigError(f'eval.protocol must be backbone|common, got '
+                      f'{config.eval.protocol!r}.')
   if config.eval.parallel not in ('auto', 'vmap', 'sequential'):
     raise ConfigError(f'eval.parallel must be auto|vmap|sequential, got '
                       f'{config.eval.parallel!r}.')

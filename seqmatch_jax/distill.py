@@ -288,13 +288,17 @@ def distill_subset(backbone: Backbone, plan: SubsetPlan, source: Source, *,
   """
   num_devices = 1 if mesh is None else mesh.size
   traj = options.trajectories_per_step or num_devices
-  if traj % num_devices:
-    raise UserError(f'distill.trajectories_per_step={traj} must be a multiple '
-                    f'of the {num_devices} devices.')
+  if traj % num_devices and traj != 1:
+    raise UserError(f'distill.trajectories_per_step={traj} must be 1 or a '
+                    f'multiple of the {num_devices} devices.')
+  # One trajectory on several devices (the official single-network loop of
+  # DM, DC, DSA and IDC): every device runs the same replicated step, which
+  # is the one-device result; no trajectory is split and nothing averaged.
+  step_mesh = mesh if traj % num_devices == 0 else None
   frozen = parallel.replicate(frozen, mesh)
   data = parallel.replicate(source.data, mesh)
   step_fn = make_distill_step(backbone, plan, optimizers, layout,
-                              trajectories=traj, mesh=mesh)
+                              trajectories=traj, mesh=step_mesh)
   fresh = parallel.replicate(init_state(trainable, optimizers, key), mesh)
   ckpt_dir = options.ckpt_dir
   _check_state_format(ckpt_dir)
@@ -343,7 +347,9 @@ def distill_subset(backbone: Backbone, plan: SubsetPlan, source: Source, *,
       stop(it)
     if evaluating and it % options.eval_every == 0 and it > 0:
       state = evaluate(it)
-    resources = source.sample(it, traj, mesh)
+    resources = source.sample(it, traj, step_mesh)
+    if step_mesh is None and mesh is not None:
+      resources = parallel.replicate(resources, mesh)
     extras_before = {k: float(parallel.fetch(v))
                      for k, v in state.trainable['extras'].items()}
     new_state, metrics = step_fn(state, frozen, resources, data)  # donates

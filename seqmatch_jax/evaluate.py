@@ -272,16 +272,32 @@ def random_real(x_train, y_train, ipc: int, num_classes: int, seed: int):
   return np.asarray(x_train)[idx], np.asarray(y_train)[idx]
 
 
+def describe(protocol: Protocol) -> str:
+  """One line naming how a row's networks were trained."""
+  augment = protocol.augment or 'no augmentation'
+  if protocol.augment and protocol.augment_style == 'idc':
+    augment = f'{augment} (IDC style)'
+  extra = f', CutMix {protocol.cutmix:g}' if protocol.cutmix else ''
+  decay = 'x0.1 at E/2' if protocol.schedule == 'half' else 'x0.2 at 2E/3, 5E/6'
+  return (f'{protocol.epochs} epochs, batch {protocol.batch_size}, lr {decay}, '
+          f'{augment}{extra}, align_corners={protocol.align_corners}')
+
+
 def write_results(workdir: str, results: dict[str, Any]) -> None:
-  """results.json and a Markdown table (mean ± std per row)."""
+  """results.json and a Markdown table (mean ± std per row, and the protocol
+  each row was trained with)."""
   files.write_json(os.path.join(workdir, 'results.json'), results, indent=1,
                    sort_keys=True)
-  lines = ['| set | architecture | accuracy (%) | per stage |', '|---|---|---|---|']
+  name = results.get('protocol', {}).get('name', '')
+  lines = ([f'Evaluation protocol: {name}.', ''] if name else []) + [
+      '| set | architecture | accuracy (%) | per stage | protocol |',
+      '|---|---|---|---|---|']
   for row_name, per_arch in results.get('rows', {}).items():
     for arch, r in per_arch.items():
       stages = ' → '.join(f"{s['mean']:.2f}" for s in r.get('stages', [])) \
           if len(r.get('stages', [])) > 1 else ''
-      lines.append(f"| {row_name} | {arch} | {r['mean']:.2f} ± {r['std']:.2f} | {stages} |")
+      lines.append(f"| {row_name} | {arch} | {r['mean']:.2f} ± {r['std']:.2f} | "
+                   f"{stages} | {r.get('protocol', '')} |")
   for name, k in results.get('ema_kept', {}).items():
     lines.append(f"\n{name}: kept **{k['kept']}** images ({k['architecture']}: "
                  f"raw {k['raw']:.2f}, EMA {k['ema']:.2f}).")

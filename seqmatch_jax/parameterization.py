@@ -34,8 +34,9 @@ SPACES = ('model', 'pixels')
 
 def upsample_matrix(src: int, dst: int) -> np.ndarray:
   """[dst, src] weights of torch's bilinear upsampling with
-  align_corners=False (`nn.Upsample(mode='bilinear')`) along one axis."""
-  m = np.zeros((dst, src), np.float32)
+  align_corners=False (`nn.Upsample(mode='bilinear')`) along one axis, in
+  float64 (cast to the images' dtype where they are applied)."""
+  m = np.zeros((dst, src), np.float64)
   for i in range(dst):
     x = max((i + 0.5) * src / dst - 0.5, 0.0)
     i0 = min(int(math.floor(x)), src - 1)
@@ -62,8 +63,8 @@ def decode_tiles(images: jax.Array, factor: int, pad_value: float = 0.5) -> jax.
               constant_values=pad_value)
   x = x.reshape(n, factor, sh, factor, sw, c)
   x = jnp.transpose(x, (1, 3, 0, 2, 4, 5)).reshape(factor * factor * n, sh, sw, c)
-  mh = jnp.asarray(upsample_matrix(sh, h))
-  mw = jnp.asarray(upsample_matrix(sw, w))
+  mh = jnp.asarray(upsample_matrix(sh, h), images.dtype)
+  mw = jnp.asarray(upsample_matrix(sw, w), images.dtype)
   return jnp.einsum('hy,nyxc,wx->nhwc', mh, x, mw,
                     precision=jax.lax.Precision.HIGHEST)
 

@@ -400,8 +400,18 @@ def _file_id(path: str) -> dict:
 
 
 def evaluation_protocol(config) -> evaluate_lib.Protocol:
-  """How the final evaluation trains networks: the method's own protocol."""
+  """How the final evaluation trains networks: the method's own protocol
+  (`eval.protocol=backbone`), or the common one for every set."""
+  if config.eval.protocol == 'common':
+    return evaluate_lib.protocol_from_config(config)
   return seqmatch.run_info(config).protocol
+
+
+def protocol_name(config) -> str:
+  """Whose evaluation protocol a run's rows use, e.g. 'DM (official)'."""
+  if config.eval.protocol == 'common':
+    return 'common (eval.*)'
+  return f'{backbones.backbone_class(config.backbone.name).title} (official)'
 
 
 def network_for(config, name: str, num_classes: int, image_shape) -> Network:
@@ -560,12 +570,14 @@ def evaluate(config, workdir, data: PreparedData, key,
             f'stopped during the evaluation of {cell}; '
             f'{sum(a is not None for a in kept)} of {len(done)} models kept '
             f'in {progress.path}') from e
-      rows[name][arch] = r
+      rows[name][arch] = dict(r, protocol=evaluate_lib.describe(job_protocol))
       logging.info('%s: %.2f ± %.2f %%', cell, r['mean'], r['std'])
   ema_kept = {name: kept_version(rows[name], rows[f'{name} (EMA)'])
               for name in ema_rows}
   results = dict(rows=rows, config=json.loads(config.to_json_best_effort()),
                  **({'ema_kept': ema_kept} if ema_kept else {}),
+                 protocol=dict(name=protocol_name(config),
+                               **dataclasses.asdict(protocol)),
                  wall_time_s=time.time() - t0, dataset=data.name,
                  devices=[str(d) for d in jax.devices()])
   if parallel.is_main_process():

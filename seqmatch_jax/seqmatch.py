@@ -100,7 +100,8 @@ def run_info(config: ml_collections.ConfigDict,
       eval_lr=float(config.eval.lr),
       experts=experts_lib.spec_from_config(config, config.experts.epochs),
       staged_epochs=config.experts.staged_epochs, zca=bool(config.dataset.zca),
-      image_shape=tuple(image_shape) if image_shape else None)
+      image_shape=tuple(image_shape) if image_shape else None,
+      trajectories=int(config.distill.trajectories_per_step))
 
 
 def subset_plans(config: ml_collections.ConfigDict,
@@ -401,7 +402,8 @@ def _distill_one(ctx: Context, config, backbone, plan: SubsetPlan, source,
       ckpt_dir=os.path.join(root, 'distill', f'subset_{k + 1}'), seed=config.seed,
       checkpoint_every=config.distill.checkpoint_every,
       eval_every=config.distill.eval_every,
-      trajectories_per_step=config.distill.trajectories_per_step,
+      trajectories_per_step=plan.settings.get('trajectories',
+                                              config.distill.trajectories_per_step),
       progress=ctx.progress, log_name=f'distill_{tag}' if tag else 'distill',
       record=record)
   trainable, optimizers = backbone.init(plan, source, init, classes[subset == k])

@@ -291,3 +291,21 @@ def test_kill_and_resume_is_bitwise(name, tmp_path):
   ctx.should_stop = lambda: False
   np.testing.assert_array_equal(seqmatch.distill_all(ctx, config).images,
                                 full.images)
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason='needs 4 devices')
+@pytest.mark.parametrize('name', ['dm', 'dsa'])
+def test_one_network_per_step_on_four_devices_is_the_one_device_run(name, tmp_path):
+  """DM, DC, DSA and IDC default to one trajectory per step (their official
+  loops): four devices replicate that step instead of averaging four, and
+  give the one-device set."""
+  from seqmatch_jax import distill, parallel, seqmatch
+  config = _tiny_real_config(name, 1)
+  one = seqmatch.distill_all(_real_ctx(tmp_path / 'one', config), config)
+  ctx = _real_ctx(tmp_path / 'four', config)
+  ctx.mesh = parallel.make_mesh(4)
+  four = seqmatch.distill_all(ctx, config)
+  # The same program on every device: equal up to XLA's per-device rounding.
+  np.testing.assert_allclose(four.images, one.images, rtol=1e-6, atol=1e-6)
+  record = distill.read_run_record(str(tmp_path / 'four' / 'distill' / 'subset_1'))
+  assert (record['trajectories_per_step'], record['devices']) == (1, 4)

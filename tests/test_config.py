@@ -77,3 +77,52 @@ def test_bad_values(key, value, match):
   node[leaf] = value
   with pytest.raises(ConfigError, match=match):
     configuration.validate(c)
+
+
+# -- Each method's own official row (issue 27) ----------------------------------
+
+@pytest.mark.parametrize('dataset', ['cifar10', 'cifar100'])
+@pytest.mark.parametrize('name, iterations, lr_img, pix_init', [
+    ('dm', 20000, 1.0, 'real'), ('dc', 1000, 0.1, 'noise'), ('dsa', 1000, 0.1, 'real')])
+def test_dm_dc_dsa_rows_are_their_official_ones(dataset, name, iterations, lr_img,
+                                                pix_init):
+  module = _load(os.path.join(ROOT, 'configs', f'{dataset}.py'))
+  for ipc, k in ((1, 1), (10, 2), (50, 3)):
+    c = module.get_config(f'ipc={ipc},backbone={name}')
+    configuration.validate(c)
+    plans = seqmatch.subset_plans(c, (32, 32, 3))
+    assert not c.dataset.zca and c.distill.pix_init == pix_init
+    assert c.augment.strategy == 'color_crop_cutout_flip_scale_rotate'
+    assert len(plans) == k and {p.iterations for p in plans} == {iterations}
+    assert {p.lr_img for p in plans} == {lr_img}
+    assert {p.trajectories for p in plans} == {1}  # one network per iteration
+    if name != 'dm':  # DC's get_loops of the whole set's ipc
+      loops = {1: (1, 1), 10: (10, 50), 50: (50, 10)}[ipc]
+      assert {(p.outer_loop, p.inner_loop) for p in plans} == {loops}
+
+
+@pytest.mark.parametrize('name', ['dm', 'dc', 'dsa'])
+def test_dm_dc_dsa_refuse_zca_unless_asked(name):
+  """The MTT row whitens CIFAR; these methods never ran on ZCA data."""
+  c = _load(os.path.join(ROOT, 'configs', 'cifar10.py')).get_config('ipc=10')
+  c.backbone.name = name
+  with pytest.raises(ConfigError, match=f'backbone={name}.*allow_zca'):
+    seqmatch.subset_plans(c, (32, 32, 3))
+  c['dc' if name == 'dsa' else name].allow_zca = True
+  assert len(seqmatch.subset_plans(c, (32, 32, 3))) == 2
+
+
+def test_trajectories_default_per_method_and_explicit_value_wins():
+  c = _load(os.path.join(ROOT, 'configs', 'cifar10.py')).get_config('ipc=10,backbone=idc')
+  assert {p.trajectories for p in seqmatch.subset_plans(c, (32, 32, 3))} == {1}
+  c.distill.trajectories_per_step = 4
+  assert {p.trajectories for p in seqmatch.subset_plans(c, (32, 32, 3))} == {4}
+  mtt = _load(os.path.join(ROOT, 'configs', 'cifar10.py')).get_config('ipc=10')
+  assert 'trajectories' not in seqmatch.subset_plans(mtt)[0].settings  # per device
+
+
+def test_seqmatch_mtt_cifar10_ipc50_teacher_lrs_follow_the_official_script():
+  c = _load(os.path.join(ROOT, 'configs', 'cifar10.py')).get_config('ipc=50')
+  assert [p.lr_teacher for p in seqmatch.subset_plans(c)] == [0.001, 0.01, 0.01]
+  plain = _load(os.path.join(ROOT, 'configs', 'cifar10.py')).get_config('ipc=50,k=1')
+  assert [p.lr_teacher for p in seqmatch.subset_plans(plain)] == [0.01]

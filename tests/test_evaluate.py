@@ -163,3 +163,34 @@ def test_final_evaluation_stops_between_models_and_resumes_exactly(tmp_path):
     other = dict(spec, **change)
     assert np.isnan(pipeline.EvalProgress(wd).done('synthetic / convnet', other)).all()
   assert not np.isnan(pipeline.EvalProgress(wd).done('synthetic / convnet', spec)).any()
+
+
+# -- Which protocol a method's sets get (issue 27) --------------------------------
+
+@pytest.mark.parametrize('name, epochs, augment, align', [
+    ('mtt', 1000, 'color_crop_cutout_flip_scale_rotate', True),
+    ('dm', 1000, 'color_crop_cutout_flip_scale_rotate', False),
+    ('dsa', 1000, 'color_crop_cutout_flip_scale_rotate', False),
+    ('dc', 300, '', False)])
+def test_each_method_is_evaluated_with_its_official_protocol(name, epochs, augment,
+                                                             align):
+  from seqmatch_jax import pipeline  # pylint: disable=g-import-not-at-top
+  arg = 'ipc=10' if name == 'mtt' else f'ipc=10,backbone={name}'
+  config = helpers.config('cifar10', arg)
+  p = pipeline.evaluation_protocol(config)
+  assert (p.epochs, p.augment, p.align_corners) == (epochs, augment, align)
+  assert (p.batch_size, p.schedule) == (256, 'half')
+  config.eval.protocol = 'common'  # one protocol to compare methods
+  assert pipeline.evaluation_protocol(config) == evaluate.protocol_from_config(config)
+  assert pipeline.protocol_name(config) == 'common (eval.*)'
+
+
+def test_results_md_names_each_rows_protocol(tmp_path):
+  p = evaluate.Protocol(epochs=300, augment='', align_corners=False)
+  row = dict(mean=50.0, std=1.0, protocol=evaluate.describe(p))
+  evaluate.write_results(str(tmp_path), dict(
+      rows={'DC': {'convnet': row}}, protocol=dict(name='DC (official)')))
+  text = (tmp_path / 'results.md').read_text()
+  assert 'Evaluation protocol: DC (official).' in text
+  assert '| DC | convnet | 50.00 ± 1.00 |  | 300 epochs, batch 256' in text
+  assert 'no augmentation, align_corners=False |' in text

@@ -9,6 +9,7 @@ import pytest
 
 from seqmatch_jax import augment, backbones, config_lib, distill, evaluate
 from seqmatch_jax import parameterization, seqmatch, training
+from seqmatch_jax.backbones import idc
 from seqmatch_jax.errors import ConfigError, Interrupted
 from tests import helpers
 
@@ -146,6 +147,13 @@ def _subset_problem(tmp_path, k_index: int = 1, **settings):
       init[subset == k_index]), jnp.asarray(labels[subset <= k_index])
 
 
+def _walk(source, iteration: int = 0):
+  """Trajectory 0's real batches at `iteration`, as a step's inner state
+  holds them before its first match."""
+  return dict(jax.tree.map(jnp.asarray, source.real_batches(iteration, 0)),
+              match=jnp.zeros((), jnp.int32))
+
+
 def _syn(plan, images, labels):
   return helpers.synset(images, labels, plan, 10)
 
@@ -215,7 +223,7 @@ def test_loss_is_the_direct_conv_gradient_mse(tmp_path):
                    'idc.batch_real': 1000, 'idc.batch_syn_max': 1000})
   data = source.data
   params, state = backbone.network.init(jax.random.key(3))
-  inner = ((params, state), None)
+  inner = ((params, state), None, _walk(source))
   c = 4
   loss = jax.jit(lambda im: backbone.class_loss(
       plan, _syn(plan, im, labels), inner, jax.random.key(5), data, c))(
@@ -244,7 +252,7 @@ def test_image_gradient_matches_finite_differences(tmp_path):
     data = jax.tree.map(lambda a: a.astype(jnp.float64)
                         if jnp.issubdtype(a.dtype, jnp.floating) else a, source.data)
     params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
-    inner = ((params, state), None)
+    inner = ((params, state), None, _walk(source))
     frozen, mine = frozen.astype(jnp.float64), mine.astype(jnp.float64)
     f = jax.jit(lambda m: backbone.class_loss(
         plan, _syn(plan, jnp.concatenate([frozen, m]), labels), inner,
@@ -261,7 +269,7 @@ def test_image_gradient_matches_finite_differences(tmp_path):
 def test_frozen_subset_gets_no_gradient(tmp_path):
   backbone, plan, source, frozen, mine, labels = _subset_problem(tmp_path)
   params, state = backbone.network.init(jax.random.key(3))
-  inner = ((params, state), None)
+  inner = ((params, state), None, _walk(source))
   f = lambda fr, stop: backbone.class_loss(
       plan, _syn(plan, jnp.concatenate([jax.lax.stop_gradient(fr) if stop else fr,
                                         mine]), labels),
@@ -292,9 +300,10 @@ def test_seqmatch_networks_learn_the_earlier_subsets_including_s1_at_k3(tmp_path
   a, b, c = (source.sample(i, 1) for i in (0, 1, 2))
   same = lambda u, v: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(u),
                                                                jax.tree.leaves(v)))
-  assert same(a, b) and not same(a, c)  # fix_iter 2
+  assert same(a['net'], b['net']) and not same(a['net'], c['net'])  # fix_iter 2
+  assert not same(a['real'], b['real'])  # the walk goes on every iteration
   source.__init__(backbone, ctx, plans[2], done)  # a resumed run
-  assert same(source.sample(1, 1), a)
+  assert same(source.sample(1, 1), b)
   # And the staged evaluation of the final set has S_1 in stage 3.
   stages = evaluate.stage_sets(*decode(init, labels, subset))
   np.testing.assert_array_equal(stages[2][0][:len(s1)], s1)
@@ -351,3 +360,22 @@ def test_config_rows_and_checks():
       image_shape=(32, 32, 3)))
   plan = seqmatch.subset_plans(official)[0]
   assert backbone.image_lr(plan) == pytest.approx(0.0125)
+
+
+def test_real_batches_walk_each_class_without_replacement():
+  """IDC's ClassBatchSampler: batches of min(class size, batch) in a shuffled
+  order, no image twice in a pass, the incomplete last batch dropped, a new
+  order each pass; a fresh walk (a resumed run) gives the same batches."""
+  y = np.asarray([0] * 10 + [1] * 3)
+  walk = idc.ClassWalk(y, 2, 4, (0, 500))
+  out = walk.batches(0, 6, t=0)
+  assert out['rows'].shape == (6, 2, 4)
+  first_pass = out['rows'][:2, 0].reshape(-1)  # class 0: 2 batches of 4 per pass
+  assert len(set(first_pass.tolist())) == 8 and set(first_pass) <= set(range(10))
+  assert not np.array_equal(out['rows'][2:4, 0].reshape(-1), first_pass)  # reshuffled
+  np.testing.assert_array_equal(out['mask'][:, 1], np.tile([1, 1, 1, 0], (6, 1)))
+  assert {tuple(sorted(r[:3])) for r in out['rows'][:, 1]} == {(10, 11, 12)}
+  again = idc.ClassWalk(y, 2, 4, (0, 500)).batches(3, 3, t=0)
+  np.testing.assert_array_equal(again['rows'], out['rows'][3:])
+  other = idc.ClassWalk(y, 2, 4, (0, 500)).batches(0, 6, t=1)
+  assert not np.array_equal(other['rows'][:, 0], out['rows'][:, 0])

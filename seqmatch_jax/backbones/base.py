@@ -62,6 +62,9 @@ class RunInfo:
   staged_epochs: int  # real-data epochs of SeqMatch's staged experts
   zca: bool
   image_shape: tuple[int, ...] | None  # None: not known before loading
+  # distill.trajectories_per_step: 0 = the method decides in `validate`
+  # (`one_trajectory`), else the number of devices.
+  trajectories: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +228,14 @@ class Backbone:
     trainable, opt_state, loss, grads = io.matches(
         1, loss_fn, trainable, opt_state, io.resources)
     return trainable, opt_state, io.metrics(loss, grads)
+
+
+def one_trajectory(plans: list[SubsetPlan]) -> list[SubsetPlan]:
+  """One network (or real batch) per iteration unless
+  distill.trajectories_per_step says otherwise: the official loops of DM, DC,
+  DSA and IDC, whose step size assumes it; more devices then replicate the
+  step instead of averaging T gradients."""
+  return [p.resolved(trajectories=p.run.trajectories or 1) for p in plans]
 
 
 def per_subset_names(cls: type[Backbone]) -> tuple[str, ...]:

@@ -16,6 +16,8 @@ training set.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -23,6 +25,7 @@ import ml_collections
 from seqmatch_jax import augment as augment_lib
 from seqmatch_jax import training
 from seqmatch_jax.backbones import base
+from seqmatch_jax.backbones import dm
 from seqmatch_jax import real_data
 from seqmatch_jax.errors import ConfigError
 
@@ -89,6 +92,10 @@ class DC(base.Backbone):
     c.inner_loop = 0  # 0 = the official table for the run's ipc
     c.lr_net = 0.01  # SGD, no momentum, on the synthetic set
     c.batch_train = 256
+    # Evaluation epochs; 0 = the official: 300 for DC (no augmentation), the
+    # common eval.epochs (1000 in the CIFAR configs) for DSA.
+    c.eval_epochs = 0
+    c.allow_zca = False  # see dm.refuse_zca
     c.per_subset = ml_collections.ConfigDict(
         {n: () for n in ('iterations', 'lr_img', 'outer_loop', 'inner_loop')})
     return c
@@ -110,7 +117,22 @@ class DC(base.Backbone):
       if getattr(plans[0], name) <= 0:
         raise ConfigError(f'dc.{name} must be positive, got '
                           f'{getattr(plans[0], name)}.')
-    return out
+    if plans[0].eval_epochs < 0:
+      raise ConfigError(f'dc.eval_epochs must be >= 0 (0 = the official), got '
+                        f'{plans[0].eval_epochs}.')
+    dm.refuse_zca(plans[0], 'dc', cls.name)
+    return base.one_trajectory(out)
+
+  @classmethod
+  def protocol(cls, common, settings):
+    """The official evaluation (DatasetCondensation `utils.evaluate_synset`,
+    `get_daparam`): DC trains 300 epochs without augmentation, DSA with
+    per-sample DSA; both interpolate with align_corners=False."""
+    if cls.siamese:
+      return dataclasses.replace(common, align_corners=False,
+                                 epochs=settings.eval_epochs or common.epochs)
+    return dataclasses.replace(common, augment='', align_corners=False,
+                               epochs=settings.eval_epochs or 300)
 
   def loss(self, plan, syn, inner, key, data):
     params, state = inner

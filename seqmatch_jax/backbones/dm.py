@@ -11,6 +11,8 @@ of every class mean; nothing else changes between subsets.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -22,6 +24,18 @@ from seqmatch_jax.errors import ConfigError
 
 # DC/DM's DSA: torch's affine_grid default (align_corners=False).
 DSA = augment_lib.DSAParams(align_corners=False)
+
+
+def refuse_zca(plan, key: str, name: str) -> None:
+  """DM, DC and DSA never ran on ZCA-whitened data (their lr_img assumes
+  mean/std normalisation): refused unless `<key>.allow_zca`."""
+  if plan.run.zca and not plan.allow_zca:
+    raise ConfigError(
+        f'backbone {name} runs on mean/std-normalised images in its official code '
+        f'(no ZCA), and this config whitens them (dataset.zca=True, the MTT '
+        f'row). Use the config\'s own row, e.g. '
+        f'--config=configs/cifar10.py:backbone={name}, or set '
+        f'--config.dataset.zca=False; --config.{key}.allow_zca=True keeps ZCA.')
 
 
 class DM(base.Backbone):
@@ -36,6 +50,8 @@ class DM(base.Backbone):
     c.iterations = 20000
     c.lr_img = 1.0
     c.batch_real = 256  # real images per class per iteration
+    # The official DM normalises with mean/std; its lr_img assumes it.
+    c.allow_zca = False
     c.per_subset = ml_collections.ConfigDict({'iterations': (), 'lr_img': ()})
     return c
 
@@ -44,7 +60,16 @@ class DM(base.Backbone):
     plans = super().validate(plans)
     if plans[0].batch_real < 1:
       raise ConfigError(f'dm.batch_real must be positive, got {plans[0].batch_real}.')
-    return plans
+    refuse_zca(plans[0], 'dm', 'dm')
+    return base.one_trajectory(plans)
+
+  @classmethod
+  def protocol(cls, common, settings):
+    """The official DM evaluation (DatasetCondensation `main_DM.py`,
+    `utils.evaluate_synset`): the common SGD schedule and DSA, with DC's
+    interpolation (align_corners=False)."""
+    del settings
+    return dataclasses.replace(common, align_corners=False)
 
   def loss(self, plan, syn, inner, key, data):
     params, state = jax.lax.stop_gradient(inner)

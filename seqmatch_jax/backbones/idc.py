@@ -10,7 +10,8 @@ parameterization.py, which any method can use; `param.*` in the config).
 
 One iteration is IDC's outer iteration: a network and a fresh SGD
 (0.01, 0.9, 5e-4) start it, then `inner_loop` times: per class, in turn, the
-conv-weight gradients of a real batch (64) and of the class's decoded images
+conv-weight gradients of a real batch (64: the class's next batch of a
+shuffled walk without replacement, `ClassWalk`) and of the class's decoded images
 (at most 128 per subset) under one shared IDC augmentation draw are compared
 with Σ(g_real - g_syn)^2 and the images take one SGD(lr_img, 0.5) step; then
 the network trains on `n_data` real images (per-sample colour + crop, CutMix).
@@ -67,22 +68,53 @@ def grad_distance(g_real, g_syn, metric: str) -> jax.Array:
   return total
 
 
-def sample_class(key: jax.Array, data: dict, c, batch: int):
-  """`batch` distinct random real images of class `c` (masked when the class
-  has fewer). Returns (images [batch, ...], mask [batch])."""
-  index, count = data['index'], data['count']
-  batch = min(batch, index.shape[1])
-  u = jax.random.uniform(key, index.shape[1:])
-  u = jnp.where(jnp.arange(index.shape[1]) < count[c], u, 2.0)
-  rows = index[c][jnp.argsort(u)[:batch]]
-  mask = (jnp.arange(batch) < count[c]).astype(jnp.float32)
-  return data['x'][rows], mask
+class ClassWalk:
+  """IDC's per-class real batches (`data.ClassBatchSampler`): each class is
+  walked in a shuffled order, min(class size, batch) images at a time without
+  replacement; the incomplete last batch of a pass is dropped and the next
+  pass reshuffles. Every match takes the next batch of every class, so batch
+  n of a class is a pure function of (seed, subset, trajectory, class, n):
+  a resumed run takes the same batches. Host-side numpy (PCG64 streams).
+  """
+
+  def __init__(self, y_train, num_classes: int, batch: int, seed: tuple[int, ...]):
+    y = np.asarray(y_train)
+    self.rows = [np.flatnonzero(y == c) for c in range(num_classes)]
+    self.width = min(batch, max(len(r) for r in self.rows))  # static batch
+    self.sizes = [min(len(r), batch) for r in self.rows]
+    self.seed = tuple(int(v) for v in seed)
+    self._order = {}  # (trajectory, class, pass) -> that pass's order
+
+  def order(self, t: int, c: int, p: int) -> np.ndarray:
+    key = (t, c, p)
+    if key not in self._order:
+      if len(self._order) > 64 * len(self.rows):
+        self._order.clear()
+      rng = np.random.default_rng([*self.seed, t, c, p])
+      self._order[key] = self.rows[c][rng.permutation(len(self.rows[c]))]
+    return self._order[key]
+
+  def batches(self, first: int, count: int, t: int) -> dict:
+    """Batches first .. first+count-1 of every class for trajectory t:
+    {'rows': [count, C, width] int32, 'mask': [count, C, width] float32}."""
+    num_classes = len(self.rows)
+    rows = np.zeros((count, num_classes, self.width), np.int32)
+    mask = np.zeros((count, num_classes, self.width), np.float32)
+    for c, size in enumerate(self.sizes):
+      per_pass = len(self.rows[c]) // size
+      for i in range(count):
+        p, j = divmod(first + i, per_pass)
+        rows[i, c, :size] = self.order(t, c, p)[j * size:(j + 1) * size]
+        rows[i, c, size:] = rows[i, c, 0]
+        mask[i, c, :size] = 1.0
+    return dict(rows=rows, mask=mask)
 
 
 class IDCSource(real_data.RealImagesByClass):
   """What IDC's step reads: the real images by class and their labels, the
   normalisation, and where each subset's images of each class sit in the
-  matched set; `sample` gives the iteration's starting network (SeqMatch).
+  matched set; `sample` gives, per trajectory, the iteration's real batches
+  of every class (`ClassWalk`) and its starting network (SeqMatch).
 
   `data['subset_rows']` holds, per subset, a [C, ipc_j] table of rows of the
   whole set (frozen subsets first): each is decoded and subsampled on its own.
@@ -113,9 +145,17 @@ class IDCSource(real_data.RealImagesByClass):
       self.lrs = jnp.full((plan.index,), float(plan.run.eval_lr), jnp.float32)
       self.trainer = evaluate_lib.staged_trainer(backbone.network,
                                                  network_protocol(plan))
+    self.walk = ClassWalk(ctx.y_train, c, plan.batch_real,
+                          (plan.run.seed, 500 + plan.index))
+    self.inner_loop = plan.inner_loop
     self._block = None
     self._net = None
     self._sent = None  # ((block, count, mesh), the stacked network as sent)
+
+  def real_batches(self, iteration: int, t: int) -> dict:
+    """Trajectory t's real batches for the `inner_loop` matches of
+    `iteration` (each class's walk advances one batch per match)."""
+    return self.walk.batches(iteration * self.inner_loop, self.inner_loop, t)
 
   def network_at(self, iteration: int):
     """The starting network of `iteration`'s block (a pure function of the
@@ -131,16 +171,22 @@ class IDCSource(real_data.RealImagesByClass):
     return self._net
 
   def sample(self, iteration, count, mesh=None):
+    """Per trajectory: {'real': its real batches, 'net': the block's network
+    (absent for IDC, which starts a fresh random one in the step)}."""
+    def place(load):
+      return load(range(count)) if mesh is None else parallel.shard_from_loader(
+          count, mesh, load)
+    stack = lambda trees: jax.tree.map(lambda *x: np.stack(x), *trees)
+    out = dict(real=place(lambda ts: stack(
+        [self.real_batches(iteration, t) for t in ts])))
     if self.fix_iter == 1 and self.stages is None:
-      return None  # IDC: a fresh random network per trajectory, in the step
+      return out
     net = self.network_at(iteration)
     if self._sent is None or self._sent[0] != (self._block, count, mesh):
       # Stacked and placed once per block, not every iteration.
-      load = lambda rows: jax.tree.map(lambda x: np.stack([x] * len(rows)), net)
-      placed = (load(range(count)) if mesh is None
-                else parallel.shard_from_loader(count, mesh, load))
-      self._sent = ((self._block, count, mesh), placed)
-    return self._sent[1]
+      self._sent = ((self._block, count, mesh), place(
+          lambda ts: jax.tree.map(lambda x: np.stack([x] * len(ts)), net)))
+    return dict(out, net=self._sent[1])
 
 
 def network_protocol(plan: base.SubsetPlan) -> evaluate_lib.Protocol:
@@ -236,7 +282,7 @@ class IDC(base.Backbone):
         p = p.resolved(staged=dict(
             protocol=dataclasses.asdict(network_protocol(p)), lr=p.run.eval_lr))
       out.append(p)
-    return out
+    return base.one_trajectory(out)
 
   @classmethod
   def protocol(cls, common, settings):
@@ -285,7 +331,7 @@ class IDC(base.Backbone):
   def class_loss(self, plan, syn, inner, key, data, c) -> jax.Array:
     """The loss of class c: conv-gradient distance of a real batch and the
     class's decoded images under one shared IDC augmentation draw."""
-    (params, state), _ = inner
+    (params, state), _, real = inner
     dsa = augment_lib.DSAParams(align_corners=False, style='idc')
 
     def grads(x, y, m):
@@ -293,7 +339,10 @@ class IDC(base.Backbone):
           self.network, p, state, x, y, m)[0])(params)
 
     k_real, k_syn, k_aug = jax.random.split(jax.random.fold_in(key, c), 3)
-    real, mask = sample_class(k_real, data, c, plan.batch_real)
+    del k_real  # the batch is the walk's next one (ClassWalk)
+    m = real['match']
+    mask = jnp.asarray(real['mask'])[m, c]
+    real = data['x'][jnp.asarray(real['rows'])[m, c]]
     images = self.class_images(plan, syn.images, data, c, k_syn)
     real, images = augment_lib.augment_shared(k_aug, (real, images), plan.aug_match,
                                               dsa)
@@ -307,15 +356,18 @@ class IDC(base.Backbone):
         data['index'].shape[0])
 
   def initial_network(self, plan, resource, key):
-    """A trajectory's network and a fresh SGD state: random (IDC), or the
-    block's network trained on the earlier subsets (SeqMatch-IDC)."""
-    net = self.network.init(key) if resource is None else resource
-    return net, self.net_spec(plan).transform().init(net[0])
+    """A trajectory's inner state: its network and a fresh SGD state (a
+    random network for IDC, or the block's network trained on the earlier
+    subsets for SeqMatch-IDC), and its real batches with the match count."""
+    net = resource['net'] if 'net' in resource else self.network.init(key)
+    real = dict(resource['real'], match=jnp.zeros((), jnp.int32))
+    return net, self.net_spec(plan).transform().init(net[0]), real
 
   def train_network(self, plan, inner, key, data):
     """`n_data` real images in random mixed-class batches (IDC's
-    `train_epoch(n_data=...)`), augmented per sample, with CutMix."""
-    (params, state), opt = inner
+    `train_epoch(n_data=...)`), augmented per sample, with CutMix; the next
+    match takes the walk's next batches."""
+    (params, state), opt, real = inner
     spec = self.net_spec(plan)
     steps = -(-plan.n_data // spec.batch_size)
     perm_key, step_key = jax.random.split(key)
@@ -330,7 +382,7 @@ class IDC(base.Backbone):
 
     (params, state, opt), _ = jax.lax.scan(
         step, (params, state, opt), (idx, mask, jax.random.split(step_key, steps)))
-    return (params, state), opt
+    return (params, state), opt, dict(real, match=real['match'] + 1)
 
   def step(self, plan, trainable, opt_state, io):
     """`inner_loop` matches of one image update per class, the network

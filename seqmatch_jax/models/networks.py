@@ -91,8 +91,10 @@ class InstanceNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     features = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (features,))
-    bias = self.param('bias', nn.initializers.zeros, (features,))
+    # float32 parameters, as every other layer's: under jax_enable_x64 the
+    # initializers' default would be float64 and mix dtypes inside the net.
+    scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
     # Two-pass variance: exact, and it measured no slower than E[x^2] - E[x]^2
     # in the second-order meta-gradient.
     mean = jnp.mean(x, axis=(1, 2), keepdims=True)
