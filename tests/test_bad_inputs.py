@@ -160,29 +160,47 @@ CASES: list[tuple[str, Callable, str]] = [
 ]
 
 
-@pytest.mark.parametrize('make_args, phrase', [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])
-def test_bad_input_fails_with_one_line(tmp_path, make_args, phrase):
-  args = make_args(tmp_path)
+# Run in this process (helpers.run_cli: the program's entry point with an
+# argv, its stderr and exit status); these few also as real `python -m`
+# subprocesses, to prove the command line itself behaves the same way.
+SUBPROCESS_CASES = ('unknown_key', 'workdir_is_a_file', 'damaged_metadata_experts')
+
+
+def _with_workdir(args: list[str], tmp_path) -> list[str]:
   if not any(a.startswith('--workdir') for a in args):
     args.append(f'--workdir={tmp_path / "run"}')
+  return args
+
+
+@pytest.mark.parametrize('make_args, phrase', [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_bad_input_fails_with_one_line(capsys, tmp_path, make_args, phrase):
+  args = _with_workdir(make_args(tmp_path), tmp_path)
+  helpers.assert_one_error_line(*helpers.run_cli(capsys, *args), phrase)
+
+
+@pytest.mark.parametrize('make_args, phrase',
+                         [c[1:] for c in CASES if c[0] in SUBPROCESS_CASES],
+                         ids=[c[0] for c in CASES if c[0] in SUBPROCESS_CASES])
+def test_bad_input_fails_with_one_line_from_the_shell(tmp_path, make_args, phrase):
+  args = _with_workdir(make_args(tmp_path), tmp_path)
   assert_one_error_line(run_main(*args), phrase)
 
 
 @pytest.mark.skipif(hasattr(os, 'geteuid') and os.geteuid() == 0,
                     reason='root writes to read-only directories')
-def test_read_only_workdir(tmp_path):
+def test_read_only_workdir(capsys, tmp_path):
   workdir = tmp_path / 'ro'
   workdir.mkdir()
   workdir.chmod(0o500)
   try:
-    r = run_main(DIGITS, f'--workdir={workdir}')
+    r = helpers.run_cli(capsys, DIGITS, f'--workdir={workdir}')
   finally:
     workdir.chmod(0o700)
-  assert_one_error_line(r, 'is not writable')
+  helpers.assert_one_error_line(*r, 'is not writable')
 
 
-def test_uncreatable_workdir(tmp_path):
+def test_uncreatable_workdir(capsys, tmp_path):
   """As root a chmod-ed directory stays writable; sysfs refuses even root."""
   target = '/sys/seqmatch_bad_input_test/run'
   if os.path.exists(target) or not os.path.isdir('/sys'):
@@ -193,15 +211,17 @@ def test_uncreatable_workdir(tmp_path):
     pass
   else:
     pytest.skip('/sys is writable here')
-  assert_one_error_line(run_main(DIGITS, f'--workdir={target}'),
-                        'pass a directory you can write to')
+  helpers.assert_one_error_line(
+      *helpers.run_cli(capsys, DIGITS, f'--workdir={target}'),
+      'pass a directory you can write to')
 
 
-def test_truncated_orbax_step_is_one_line_without_async_noise(tmp_path):
+def test_truncated_orbax_step_is_one_line_without_async_noise(capsys, tmp_path):
   """A damaged distillation checkpoint: one line, and none of the ~100 lines
   of 'Exception ignored in: <coroutine ...>' / 'Event loop is closed' that
-  TensorStore's cancelled reads print (they show in about half the runs).
-  ~25 s: a tiny experts + distill run writes the checkpoint."""
+  TensorStore's cancelled reads print (they show in about half the runs, at
+  the process's exit: the failing run is a real subprocess). A tiny experts +
+  distill run (in this process) writes the checkpoint."""
   tiny = [f'{DIGITS}:ipc=1', f'--workdir={tmp_path / "run"}',
           '--config.model.width=8', '--config.experts.num=1',
           '--config.experts.epochs=2', '--config.mtt.iterations=2',
@@ -210,8 +230,8 @@ def test_truncated_orbax_step_is_one_line_without_async_noise(tmp_path):
           '--config.distill.eval_every=0',
           '--config.seqmatch.compare_backbone=False']
   for mode in ('experts', 'distill'):
-    r = run_main(*tiny, f'--config.mode={mode}')
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, err = helpers.run_cli(capsys, *tiny, f'--config.mode={mode}')
+    assert code == 0, err[-3000:]
   run = tmp_path / 'run'
   step = run / 'distill' / 'subset_1' / '2'
   assert step.is_dir(), sorted(os.listdir(run / 'distill' / 'subset_1'))
@@ -350,12 +370,13 @@ CHANGED_MEANING = [
 
 @pytest.mark.parametrize('make_args, phrase', [c[1:] for c in CHANGED_MEANING],
                          ids=[c[0] for c in CHANGED_MEANING])
-def test_changed_meaning_fails_with_one_line(tmp_path, make_args, phrase):
+def test_changed_meaning_fails_with_one_line(capsys, tmp_path, make_args, phrase):
   args = make_args(tmp_path)
-  assert_one_error_line(run_main(*args, f'--workdir={tmp_path / "run"}'), phrase)
+  helpers.assert_one_error_line(
+      *helpers.run_cli(capsys, *args, f'--workdir={tmp_path / "run"}'), phrase)
 
 
-def test_rerun_with_other_hyperparameters_is_refused_and_keeps_config(tmp_path):
+def test_rerun_with_other_hyperparameters_is_refused_and_keeps_config(capsys, tmp_path):
   """A finished subset made under other settings is never silently reused,
   and the refused run leaves the earlier config.json alone."""
   from seqmatch_jax import seqmatch, synthetic
@@ -367,12 +388,13 @@ def test_rerun_with_other_hyperparameters_is_refused_and_keeps_config(tmp_path):
   synthetic.save_subset(str(run / 'subsets' / 'subset_1.npz'), synthetic.FinishedSubset(
       np.zeros((50, 8, 8, 1)), 0.01, np.repeat(np.arange(10), 5), record), record)
   (run / 'config.json').write_text('{"earlier": true}')
-  r = run_main(DIGITS, '--config.mode=distill', f'--workdir={run}')
-  assert_one_error_line(r, 'mtt.syn_steps: 99 -> 20')
-  assert 'new --workdir' in r.stderr
+  code, err = helpers.run_cli(capsys, DIGITS, '--config.mode=distill',
+                              f'--workdir={run}')
+  helpers.assert_one_error_line(code, err, 'mtt.syn_steps: 99 -> 20')
+  assert 'new --workdir' in err
   # It names what to delete: this subset and the later ones built on it.
   assert f'delete {run}/subsets/subset_{{1..2}}.npz and the folders ' \
-      f'{run}/distill/subset_{{1..2}}' in r.stderr
+      f'{run}/distill/subset_{{1..2}}' in err
   assert (run / 'config.json').read_text() == '{"earlier": true}'
 
 

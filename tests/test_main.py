@@ -12,6 +12,8 @@ import time
 import numpy as np
 import pytest
 
+from tests import helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ipc 2 as a variant (picks the ipc-1 row), K=2.
 CONFIG = 'configs/digits.py:ipc=2,k=2'
@@ -57,12 +59,14 @@ def test_help():
     (['--config=configs/digits.py', '--config.mode=evaluate',
       '--config.eval.synthetic=/nonexistent.npz'], 'nonexistent.npz'),
 ])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, args, match):
-  r = _run(*args, f'--workdir={tmp_path}')
-  assert r.returncode == 2, r.stderr[-2000:]
-  lines = [l for l in r.stderr.splitlines() if l.strip()]
-  assert len(lines) == 1 and match in lines[0], r.stderr[-2000:]
-  assert 'Traceback' not in r.stderr
+def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, args, match):
+  # In this process (the program's entry point with this argv); the
+  # subprocess cases of tests/test_bad_inputs.py prove `python -m` agrees.
+  code, err = helpers.run_cli(capsys, *args, f'--workdir={tmp_path}')
+  assert code == 2, err[-2000:]
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert len(lines) == 1 and match in lines[0], err[-2000:]
+  assert 'Traceback' not in err
 
 
 def test_all_modes_end_to_end_with_resume(tmp_path):
