@@ -20,7 +20,11 @@ dependency of the package; without it the torch rows are skipped):
     ../shared/bench/torch_mtt_step.py), the official MTT inner loop
     re-implemented (functional unroll with create_graph, DSA, 2 threads);
   * expert / eval: `benchmarks/torch_ref.py`, benchmark-only PyTorch written
-    for this harness on the same network and DSA.
+    for this harness on the same networks and DSA. Evaluation rows run each of
+    `--eval_models` (default: ConvNet-3 and the cross-architecture AlexNet,
+    VGG11 and ResNet18), e.g.
+      python -m benchmarks.vs_reference --phases=eval --eval_epochs=20 \
+          --shapes=8x8x1,28x28x1,32x32x3 --eval_models=alexnet,vgg11,resnet18
 
 Our side uses the package defaults unless `--ours` names option sets, e.g.
 `--ours='{"im2col": {}, "xla": {"conv_impl": "xla"}}'` (one column set per
@@ -120,7 +124,8 @@ def measure_expert(a: dict) -> dict:
 
 
 def measure_eval(a: dict) -> dict:
-  """One evaluation model: `epochs` epochs on `images` images, then 500 tests.
+  """One evaluation model (`model`, default ConvNet): `epochs` epochs on
+  `images` images, then 500 tests.
 
   `first_s` includes compiling (what a user waits for once per run; the
   distillation's evaluations reuse the compiled runner), `s` is a second
@@ -133,7 +138,8 @@ def measure_eval(a: dict) -> dict:
   from benchmarks import common
 
   shape = _shape(a['shape'])
-  net = create_network('convnet', 10, shape, width=a.get('width', 128), depth=3,
+  net = create_network(a.get('model', 'convnet'), 10, shape,
+                       width=a.get('width', 128), depth=3,
                        conv_impl=(a.get('opts') or {}).get('conv_impl', 'auto'))
   n = a['images']
   x = jax.random.normal(jax.random.key(0), (n, *shape))
@@ -210,7 +216,8 @@ def run_reference(phase: str, args: dict, torch_python: str, step_script: str,
       row['s'] = row['s_per_iter_median']
     return row
   cmd = [torch_python, os.path.join(_REPO, 'benchmarks', 'torch_ref.py'),
-         '--phase', phase, '--shape', args['shape'], '--images', str(args['images']),
+         '--phase', phase, '--model', args.get('model', 'convnet'),
+         '--shape', args['shape'], '--images', str(args['images']),
          '--epochs', str(args.get('epochs', 1)), '--reps', str(args['reps']),
          '--warmup', str(args['warmup']), '--step_script', step_script]
   if not args.get('dsa', True):
@@ -233,9 +240,10 @@ def grid(a: argparse.Namespace) -> list[tuple[str, dict]]:
       elif phase == 'expert':
         rows.append((phase, dict(common, shape=shape, images=a.expert_images)))
       elif phase == 'eval':
-        rows.append((phase, dict(common, shape=shape, images=a.eval_images,
-                                 epochs=a.eval_epochs, reps=min(a.reps, 1),
-                                 warmup=0)))
+        for model in a.eval_models.split(','):
+          rows.append((phase, dict(common, shape=shape, images=a.eval_images,
+                                   epochs=a.eval_epochs, reps=min(a.reps, 1),
+                                   warmup=0, model=model)))
       else:
         raise SystemExit(f'unknown phase {phase!r}: step|expert|eval')
   return rows
@@ -288,8 +296,8 @@ def run_grid(a: argparse.Namespace) -> tuple[list[dict], str]:
       order = (ours_all, reference) if (r + k) % 2 == 0 else (reference, ours_all)
       for f in order:
         f()
-    row = dict(phase=phase, shape=args['shape'], size=_size(phase, args),
-               rounds=a.rounds)
+    row = dict(phase=phase, model=args.get('model', 'convnet'),
+               shape=args['shape'], size=_size(phase, args), rounds=a.rounds)
     ref_s = _med(ref, 's')
     row['ref_s'] = None if ref_s is None else round(ref_s, 3)
     row['ref_rss_mib'] = _med(ref, 'peak_rss_mib')
@@ -363,6 +371,8 @@ def parse(argv=None) -> argparse.Namespace:
                  help='images per expert epoch (10 batches of 256)')
   p.add_argument('--eval_images', type=int, default=100)
   p.add_argument('--eval_epochs', type=int, default=300)
+  p.add_argument('--eval_models', default='convnet,alexnet,vgg11,resnet18',
+                 help='evaluation networks, one row each (--quick: convnet)')
   p.add_argument('--reps', type=int, default=3)
   p.add_argument('--warmup', type=int, default=1)
   p.add_argument('--rounds', type=int, default=1,
@@ -385,7 +395,7 @@ def parse(argv=None) -> argparse.Namespace:
   if a.quick:  # defaults for the smoke test; explicit flags still win
     p.set_defaults(shapes='32x32x3', steps='1,2', n_images=20, batch_syn=20,
                    expert_images=256, eval_epochs=3, reps=1, warmup=1,
-                   phases='step,expert,eval')
+                   phases='step,expert,eval', eval_models='convnet')
     a = p.parse_args(argv)
   return a
 
@@ -399,7 +409,7 @@ def main(argv=None) -> list[dict]:
   from benchmarks import common  # pylint: disable=g-import-not-at-top
   rows, why_no_torch = run_grid(a)
   cmd = 'python -m benchmarks.vs_reference ' + ' '.join(sys.argv[1:] if argv is None else argv)
-  cols = ['phase', 'shape', 'size']
+  cols = ['phase', 'model', 'shape', 'size']
   for k in rows[0] if rows else []:
     pass
   keys = []

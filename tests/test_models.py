@@ -76,6 +76,126 @@ def test_im2col_matches_xla_to_second_order(size, ksize, stride, padding, cin,
       np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10, err_msg=name)
 
 
+# --- small maps as matmuls --------------------------------------------------
+
+# (kernel, stride, padding) x maps 1x1, 2x2, 4x4 (those with an output), and
+# one 8x8: forced onto the small-map path, every convolution of the forward,
+# both gradients and their transposes is a matmul (checked below). Each
+# kernel size with each stride and each padding kind at least once (the
+# networks' 1x1 shortcuts, 3x3 and 5x5 at stride 1 and 2; valid, explicit
+# and SAME padding; the suite's time is the compile of each case).
+_SMALL_CASES = [(1, 2, 0), (1, 1, 'SAME'), (3, 1, 1), (3, 2, 1), (3, 1, 0),
+                (3, 2, 'SAME'), (5, 1, 'SAME'), (5, 2, 1)]
+
+
+def _small_quantities(x, kernel, stride, padding, impl):
+  """Forward, both gradients, and the gradient of a function of both."""
+
+  def loss(k, x):
+    y = models.conv2d(x, k, stride=stride, padding=padding, impl=impl)
+    return jnp.sum(jnp.tanh(y) ** 2)
+
+  def grads_norm(k, x):
+    dk, dx = jax.grad(loss, argnums=(0, 1))(k, x)
+    return jnp.sum(dk**2) + jnp.sum(dx**3), (dk, dx)
+
+  y = models.conv2d(x, kernel, stride=stride, padding=padding, impl=impl)
+  # Second order through both gradients and their transposes (w.r.t. x: the
+  # MTT pattern of differentiating the kernel gradient).
+  (hk, hx), (dk, dx) = jax.grad(grads_norm, argnums=(0, 1),
+                                has_aux=True)(kernel, x)
+  return dict(y=y, dk=dk, dx=dx, hk=hk, hx=hx)
+
+
+def _check_small_maps(monkeypatch, sizes, ksize, stride, padding, cin=2,
+                      cout=3):
+  """The small-map path vs XLA's convolution, float64, all `sizes` in one
+  program (compiling dominates this test)."""
+  # Every convolution (and every derivative of one) takes the matmul path.
+  monkeypatch.setattr(conv_lib, 'SMALL_MAP_PIXELS_PER_TAP', 1e9)
+  with jax.enable_x64(True):
+    keys = jax.random.split(jax.random.key(ksize * 10 + stride), len(sizes) + 1)
+    xs = [jax.random.normal(k, (2, n, n, cin), jnp.float64)
+          for k, n in zip(keys[1:], sizes)]
+    kernel = 0.5 * jax.random.normal(keys[0], (ksize, ksize, cin, cout),
+                                     jnp.float64)
+    fn = lambda x, k, impl: _small_quantities(x, k, stride, padding, impl)
+    for x in xs:
+      text = str(jax.make_jaxpr(lambda x, k: fn(x, k, 'im2col'))(x, kernel))
+      assert 'conv_general_dilated' not in text, x.shape
+    both = jax.jit(lambda xs, k: [(fn(x, k, 'xla'), fn(x, k, 'im2col'))
+                                  for x in xs])
+    for n, (want, got) in zip(sizes, both(xs, kernel)):
+      for name in want:
+        w, g = want[name], got[name]
+        assert g.dtype == jnp.float64 and g.shape == w.shape, name
+        scale = max(1.0, float(jnp.max(jnp.abs(w))))
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-12 * scale,
+                                   err_msg=f'{name} on {n}x{n}')
+
+
+@pytest.mark.parametrize('ksize,stride,padding', _SMALL_CASES)
+def test_small_map_matmuls_match_lax_to_second_order(ksize, stride, padding,
+                                                     monkeypatch):
+  sizes = [n for n in (1, 2, 4)
+           if padding == 'SAME' or n + 2 * padding >= ksize]  # has an output
+  if sizes:
+    _check_small_maps(monkeypatch, sizes, ksize, stride, padding)
+
+
+def test_small_map_matmuls_match_lax_on_8x8(monkeypatch):
+  _check_small_maps(monkeypatch, [8], 3, 2, 1, cin=4, cout=5)
+
+
+def test_small_map_routing_by_pixels_per_tap():
+  """Default routing: maps with fewer pixels than taps never reach XLA's
+  convolution (in any derivative), others keep their forward convolution;
+  taps that only read padding are skipped."""
+
+  def convs_and_dots(size, ksize, cin=8, cout=16):
+    x = jnp.ones((2, size, size, cin))
+    kernel = jnp.ones((ksize, ksize, cin, cout))
+
+    def loss(k, x):
+      return jnp.sum(models.conv2d(x, k, padding=ksize // 2,
+                                   impl='im2col') ** 2)
+
+    meta = lambda x: jnp.sum(jax.grad(loss)(kernel, x) ** 2)
+    text = str(jax.make_jaxpr(jax.grad(meta))(x))
+    return text.count('conv_general_dilated'), text
+
+  assert convs_and_dots(2, 3)[0] == 0  # 4 pixels < 9 taps
+  assert convs_and_dots(4, 5)[0] == 0  # 16 < 25
+  assert convs_and_dots(4, 3)[0] > 0  # 16 >= 9: XLA's convolution
+  # 1x1 map, 3x3 kernel, padding 1: only the centre tap reads the input, so
+  # the forward is one (2, 8) x (8, 16) matmul, not (2, 72) x (72, 16), and
+  # the kernel gradient one (8, 2) x (2, 16).
+  num_convs, text = convs_and_dots(1, 3)
+  assert num_convs == 0
+  assert 'f32[2,16] = dot_general' in text
+  assert 'f32[8,16] = dot_general' in text
+  assert 'f32[72,16]' not in text and 'f32[2,72]' not in text
+
+
+def test_small_map_network_matches_xla():
+  """ResNet18 on 8x8 images (8x8 to 1x1 maps: strided convs, 1x1 shortcuts,
+  small-map matmuls), float32: loss and parameter gradients."""
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+  labels = jnp.array([0, 1])
+  outs = {}
+  for impl in ('xla', 'im2col'):
+    net = models.create_network('resnet18', 3, (8, 8, 1), conv_impl=impl)
+    params, state = net.init(jax.random.key(0))
+
+    def loss(p, net=net, state=state):
+      logits, _ = net.apply(p, state, x, train=True)
+      return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels])
+
+    outs[impl] = jax.jit(jax.value_and_grad(loss))(params)
+  chex.assert_trees_all_close(outs['im2col'], outs['xla'], rtol=1e-3,
+                              atol=1e-5)
+
+
 def test_im2col_meta_gradient_has_no_kernel_gradient_convolution():
   """No slow XLA kernel-gradient conv may sneak in, even inside a scan."""
   x = jnp.ones((2, 5, 5, 3))
