@@ -244,9 +244,16 @@ def _checkpoint_manager(path: str) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(path, options=options)
 
 
-def restore_or_init(path: str, fresh: DistillState) -> tuple[DistillState, ocp.CheckpointManager]:
+def restore_or_init(path: str, fresh: DistillState, placed: bool = True
+                    ) -> tuple[DistillState, ocp.CheckpointManager]:
   """Latest checkpoint under `path` if any (a damaged one is an error: it is
-  never silently replaced by a fresh start that would lose work)."""
+  never silently replaced by a fresh start that would lose work).
+
+  `placed=False`: `fresh` lives on the default device without a sharding
+  (no mesh), and so does the restored state. Orbax returns arrays committed
+  to a device, and a jitted step called with them is another program (its
+  parameters carry shardings): the same process would compile the step again
+  (a notebook or test rerunning a resumed subset)."""
   mgr = _checkpoint_manager(os.path.abspath(path))
   # Process 0 decides which step every process restores (-1: none).
   step = parallel.agree(-1 if mgr.latest_step() is None else mgr.latest_step())
@@ -263,6 +270,8 @@ def restore_or_init(path: str, fresh: DistillState) -> tuple[DistillState, ocp.C
         f'are damaged or incomplete ({type(e).__name__}). Move the folder '
         f'{path}/{step} away to fall back to the previous checkpoint, or start '
         'a new workdir.') from e
+  if not placed:
+    state = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), state)
   return state, mgr
 
 
@@ -302,7 +311,7 @@ def distill_subset(backbone: Backbone, plan: SubsetPlan, source: Source, *,
   fresh = parallel.replicate(init_state(trainable, optimizers, key), mesh)
   ckpt_dir = options.ckpt_dir
   _check_state_format(ckpt_dir)
-  state, mgr = restore_or_init(ckpt_dir, fresh)
+  state, mgr = restore_or_init(ckpt_dir, fresh, placed=mesh is not None)
   _check_run_record(ckpt_dir, traj, num_devices, resumed=int(state.iteration) > 0,
                     record=options.record)
   start = int(state.iteration)

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import jax.numpy as jnp
 import numpy as np
 
 from seqmatch_jax import data as data_lib
 from seqmatch_jax.models import create_network
+from tests import xla_flags
+
+
+def subprocess_env(devices: int = 1, fast_compile: bool = True,
+                   **extra: str) -> dict[str, str]:
+  """The environment for a `python -m seqmatch_jax.main` a test starts: CPU,
+  `devices` host devices, and the suite's compile settings
+  (tests/xla_flags.py; `fast_compile=False` where running, not compiling, is
+  most of the test: that code runs slower)."""
+  flags = xla_flags.fast_compile_flags() if fast_compile else ''
+  if devices > 1:
+    flags += f' --xla_force_host_platform_device_count={devices}'
+  return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=flags, **extra)
 
 
 def config(name: str, arg: str | None = None):

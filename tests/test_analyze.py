@@ -99,6 +99,7 @@ def _write_set(path, k, with_lr, ipc=4):
            labels=labels, **extra)
 
 
+@pytest.mark.starts_first
 def test_every_output_file_written(tmp_path):
   _write_set(str(tmp_path / 'synthetic.npz'), 2, with_lr=True)
   _write_set(str(tmp_path / 'mtt' / 'synthetic.npz'), 1, with_lr=False)

@@ -100,6 +100,7 @@ def _pin_run_config():
   return c
 
 
+@pytest.mark.starts_first
 def test_mtt_run_is_pinned(pin, tmp_path):
   """A tiny digits run (experts, SeqMatch-MTT K=2 with in-run validation, the
   plain-MTT comparison, evaluation) ends with the synthetic sets, learned
@@ -273,12 +274,27 @@ def test_frozen_subset_stays_bitwise_and_reruns_resume(name, tmp_path):
   np.testing.assert_array_equal(seqmatch.distill_all(ctx, config).images, syn.images)
 
 
+@pytest.fixture(scope='module')
+def one_device_run(tmp_path_factory):
+  """The uninterrupted one-device run of a method's tiny K=1 config, done once
+  per module and shared by the resume and the four-device tests."""
+  runs = {}
+
+  def run(name: str):
+    if name not in runs:
+      config = _tiny_real_config(name, 1)
+      ctx = _real_ctx(tmp_path_factory.mktemp(f'{name}_one_device'), config)
+      runs[name] = seqmatch.distill_all(ctx, config)
+    return runs[name]
+  return run
+
+
+@pytest.mark.starts_first
 @pytest.mark.parametrize('name', ['dm', 'dsa'])
-def test_kill_and_resume_is_bitwise(name, tmp_path):
-  from seqmatch_jax import seqmatch
+def test_kill_and_resume_is_bitwise(name, tmp_path, one_device_run):
   from seqmatch_jax.errors import Interrupted
   config = _tiny_real_config(name, 1)
-  full = seqmatch.distill_all(_real_ctx(tmp_path / 'a', config), config)
+  full = one_device_run(name)
   calls = {'n': 0}
 
   def stop_at_two():
@@ -295,13 +311,14 @@ def test_kill_and_resume_is_bitwise(name, tmp_path):
 
 @pytest.mark.skipif(jax.device_count() < 4, reason='needs 4 devices')
 @pytest.mark.parametrize('name', ['dm', 'dsa'])
-def test_one_network_per_step_on_four_devices_is_the_one_device_run(name, tmp_path):
+def test_one_network_per_step_on_four_devices_is_the_one_device_run(
+    name, tmp_path, one_device_run):
   """DM, DC, DSA and IDC default to one trajectory per step (their official
   loops): four devices replicate that step instead of averaging four, and
   give the one-device set."""
-  from seqmatch_jax import distill, parallel, seqmatch
+  from seqmatch_jax import parallel
   config = _tiny_real_config(name, 1)
-  one = seqmatch.distill_all(_real_ctx(tmp_path / 'one', config), config)
+  one = one_device_run(name)
   ctx = _real_ctx(tmp_path / 'four', config)
   ctx.mesh = parallel.make_mesh(4)
   four = seqmatch.distill_all(ctx, config)

@@ -31,7 +31,7 @@ DIGITS = '--config=configs/digits.py'
 
 def run_main(*args: str, cwd: str = ROOT,
              timeout: float = 300) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  env = helpers.subprocess_env()
   return subprocess.run([sys.executable, '-m', 'seqmatch_jax.main', *args],
                         cwd=cwd, env=env, capture_output=True, text=True,
                         timeout=timeout)
@@ -216,6 +216,7 @@ def test_uncreatable_workdir(capsys, tmp_path):
       'pass a directory you can write to')
 
 
+@pytest.mark.starts_first
 def test_truncated_orbax_step_is_one_line_without_async_noise(capsys, tmp_path):
   """A damaged distillation checkpoint: one line, and none of the ~100 lines
   of 'Exception ignored in: <coroutine ...>' / 'Event loop is closed' that

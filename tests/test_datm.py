@@ -189,6 +189,7 @@ def _ctx(tmp_path, store):
       progress=False)
 
 
+@pytest.mark.starts_first
 def test_seqmatch_datm_freezes_soft_labels_and_resumes_bitwise(gsam_store, tmp_path):
   config = _tiny_config(2)
   configuration.validate(config)

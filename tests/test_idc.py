@@ -309,6 +309,7 @@ def test_seqmatch_networks_learn_the_earlier_subsets_including_s1_at_k3(tmp_path
   np.testing.assert_array_equal(stages[2][0][:len(s1)], s1)
 
 
+@pytest.mark.starts_first
 def test_distill_all_freezes_subsets_decodes_and_resumes_bitwise(tmp_path):
   config = _config(k=2)
   full = seqmatch.distill_all(_ctx(tmp_path / 'a', config), config)

@@ -28,8 +28,8 @@ TINY = ['--config.model.width=8', '--config.model.depth=2',
         '--config.augment.strategy=flip', '--config.dataset.val_size=50']
 
 
-def _run(*args, timeout=600, cwd=ROOT):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+def _run(*args, timeout=600, cwd=ROOT, fast_compile=True):
+  env = helpers.subprocess_env(fast_compile=fast_compile)
   return subprocess.run([sys.executable, '-m', 'seqmatch_jax.main', *args],
                         cwd=cwd, env=env, capture_output=True, text=True,
                         timeout=timeout)
@@ -69,12 +69,13 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, args, match):
   assert 'Traceback' not in err
 
 
+@pytest.mark.starts_first
 def test_all_modes_end_to_end_with_resume(tmp_path):
   # From another directory, with a relative workdir, as users type it.
   wd = str(tmp_path / 'run')
   base = [f'--config={ROOT}/{CONFIG}', '--workdir=run', *TINY]
   # Interrupt during distillation, then rerun the same command.
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  env = helpers.subprocess_env()
   proc = subprocess.Popen([sys.executable, '-m', 'seqmatch_jax.main', *base],
                           cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
@@ -116,18 +117,18 @@ def _small_set(path) -> str:
   return str(path)
 
 
-def _evaluation_args(tmp_path, wd):
-  # Three models of a few seconds each, one by one: long enough to stop in.
+def _evaluation_args(tmp_path, wd, epochs: int = 8000):
+  # Three models one by one, each long enough to stop in (8000 epochs: ~5 s).
   return ['--config=configs/digits.py', f'--workdir={wd}', *TINY,
           '--config.mode=evaluate', '--config.eval.baselines=()',
           f'--config.eval.synthetic={_small_set(tmp_path / "set.npz")}',
-          '--config.eval.num_models=3', '--config.eval.epochs=8000',
+          '--config.eval.num_models=3', f'--config.eval.epochs={epochs}',
           '--config.eval.parallel=sequential']
 
 
 def _start_and_wait_for_first_model(args, log):
   """Starts main.py with stderr to `log`; returns once model 1 of 3 is done."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  env = helpers.subprocess_env(fast_compile=False)
   proc = subprocess.Popen([sys.executable, '-m', 'seqmatch_jax.main', *args],
                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=open(log, 'w'))
@@ -161,9 +162,11 @@ def test_signal_after_the_stop_while_exiting_is_one_line_not_a_traceback():
   assert 'not stopped' not in r.stdout
 
 
+@pytest.mark.starts_first
 def test_sigint_during_final_evaluation_exits_130_and_resumes(tmp_path):
   wd = tmp_path / 'ev'
-  args = _evaluation_args(tmp_path, wd)
+  # The stop lands after model 1 (during model 2, or as it ends): ~2 s models.
+  args = _evaluation_args(tmp_path, wd, epochs=3000)
   proc = _start_and_wait_for_first_model(args, tmp_path / 'first.log')
   proc.send_signal(signal.SIGINT)  # during the second model
   assert proc.wait(timeout=300) == 130, open(tmp_path / 'first.log').read()[-3000:]
@@ -172,7 +175,7 @@ def test_sigint_during_final_evaluation_exits_130_and_resumes(tmp_path):
   assert not os.path.exists(wd / 'results.json')
   kept = json.load(open(wd / 'eval_progress.json'))['cells']['synthetic / convnet']
   assert 1 <= sum(a is not None for a in kept['accuracies']) < 3
-  r = _run(*args)
+  r = _run(*args, fast_compile=False)  # the first run's programs, cached
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'done earlier' in r.stderr, r.stderr[-3000:]
   per_model = json.load(open(wd / 'results.json'))['rows']['synthetic']['convnet'][
@@ -181,6 +184,7 @@ def test_sigint_during_final_evaluation_exits_130_and_resumes(tmp_path):
       per_model[:len([a for a in kept['accuracies'] if a is not None])]
 
 
+@pytest.mark.starts_first
 def test_second_sigint_stops_at_once_without_traceback(tmp_path):
   log = tmp_path / 'log'
   proc = _start_and_wait_for_first_model(

@@ -10,12 +10,14 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
+from tests import helpers
 from tests.test_main import CONFIG, ROOT, TINY
 
 RUN = [*TINY, '--config.seqmatch.compare_backbone=False',
        '--config.eval.baselines=()', '--config.distill.checkpoint_every=1']
-ENV = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='', DEVICES='2')
+ENV = helpers.subprocess_env(DEVICES='2')
 
 
 def _ignore_sigint():
@@ -44,6 +46,7 @@ def _logs(workdir, tail: int = 2500) -> str:
   return out
 
 
+@pytest.mark.starts_first
 def test_two_processes_stop_resume_equal_one_process(tmp_path):
   wd = str(tmp_path / 'two')
   script = _launch(wd)
@@ -72,7 +75,7 @@ def test_two_processes_stop_resume_equal_one_process(tmp_path):
   r = subprocess.run([sys.executable, '-m', 'seqmatch_jax.main',
                       f'--config={CONFIG}', f'--workdir={one}', *RUN],
                      cwd=ROOT, capture_output=True, text=True, timeout=600,
-                     env=dict(ENV, XLA_FLAGS='--xla_force_host_platform_device_count=4'))
+                     env=helpers.subprocess_env(4))
   assert r.returncode == 0, r.stderr[-3000:]
   with np.load(os.path.join(wd, 'synthetic.npz')) as a, \
        np.load(os.path.join(one, 'synthetic.npz')) as b:
@@ -82,6 +85,7 @@ def test_two_processes_stop_resume_equal_one_process(tmp_path):
     np.testing.assert_allclose(a['lr'], b['lr'], rtol=1e-4)
 
 
+@pytest.mark.starts_first
 def test_sigterm_while_jax_distributed_starts_is_a_clean_stop(tmp_path):
   """A SIGTERM right after jax.distributed connects (JAX's preemption service
   would install its own SIGTERM handler there and swallow it) stops the run
@@ -97,7 +101,7 @@ def test_sigterm_while_jax_distributed_starts_is_a_clean_stop(tmp_path):
          f'--workdir={tmp_path / "run"}', *RUN, '--config.mode=experts',
          f'--config.parallel.coordinator_address=localhost:{port}',
          '--config.parallel.num_processes=1', '--config.parallel.process_id=0'],
-        cwd=ROOT, env=dict(ENV, XLA_FLAGS=''), stdout=out, stderr=out)
+        cwd=ROOT, env=helpers.subprocess_env(), stdout=out, stderr=out)
     deadline = time.time() + 300
     while 'jax.distributed: process 0 of 1' not in log.read_text():
       assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]

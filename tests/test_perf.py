@@ -53,6 +53,7 @@ def test_short_batch_trim_matches_padded_batch(norm):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.starts_first
 def test_vs_reference_runs_our_side_without_torch(tmp_path):
   from benchmarks import vs_reference  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / 'vs')
