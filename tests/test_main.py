@@ -117,12 +117,12 @@ def _small_set(path) -> str:
   return str(path)
 
 
-def _evaluation_args(tmp_path, wd, epochs: int = 8000):
+def _evaluation_args(tmp_path, wd):
   # Three models one by one, each long enough to stop in (8000 epochs: ~5 s).
   return ['--config=configs/digits.py', f'--workdir={wd}', *TINY,
           '--config.mode=evaluate', '--config.eval.baselines=()',
           f'--config.eval.synthetic={_small_set(tmp_path / "set.npz")}',
-          '--config.eval.num_models=3', f'--config.eval.epochs={epochs}',
+          '--config.eval.num_models=3', '--config.eval.epochs=8000',
           '--config.eval.parallel=sequential']
 
 
@@ -165,8 +165,7 @@ def test_signal_after_the_stop_while_exiting_is_one_line_not_a_traceback():
 @pytest.mark.starts_first
 def test_sigint_during_final_evaluation_exits_130_and_resumes(tmp_path):
   wd = tmp_path / 'ev'
-  # The stop lands after model 1 (during model 2, or as it ends): ~2 s models.
-  args = _evaluation_args(tmp_path, wd, epochs=3000)
+  args = _evaluation_args(tmp_path, wd)
   proc = _start_and_wait_for_first_model(args, tmp_path / 'first.log')
   proc.send_signal(signal.SIGINT)  # during the second model
   assert proc.wait(timeout=300) == 130, open(tmp_path / 'first.log').read()[-3000:]
