@@ -10,8 +10,7 @@ from tests import xla_flags
 
 # Must happen before JAX initialises its backend.
 if "XLA_FLAGS" not in os.environ:
-  os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 "
-                             + xla_flags.fast_compile_flags())
+  os.environ["XLA_FLAGS"] = xla_flags.suite_flags(devices=4)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

@@ -19,10 +19,8 @@ def subprocess_env(devices: int = 1, fast_compile: bool = True,
   `devices` host devices, and the suite's compile settings
   (tests/xla_flags.py; `fast_compile=False` where running, not compiling, is
   most of the test: that code runs slower)."""
-  flags = xla_flags.fast_compile_flags() if fast_compile else ''
-  if devices > 1:
-    flags += f' --xla_force_host_platform_device_count={devices}'
-  return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=flags, **extra)
+  return dict(os.environ, JAX_PLATFORMS='cpu',
+              XLA_FLAGS=xla_flags.suite_flags(devices, fast_compile), **extra)
 
 
 def config(name: str, arg: str | None = None):

@@ -44,3 +44,12 @@ def fast_compile_flags() -> str:
         break
     os.environ[_CHOSEN] = chosen
   return chosen
+
+
+def suite_flags(devices: int = 1, fast_compile: bool = True) -> str:
+  """XLA_FLAGS for the suite and the programs it starts: `devices` forced
+  host devices, and the fast-compile settings unless `fast_compile=False`."""
+  flags = fast_compile_flags() if fast_compile else ''
+  if devices > 1:
+    flags += f' --xla_force_host_platform_device_count={devices}'
+  return flags.strip()
