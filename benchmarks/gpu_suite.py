@@ -17,6 +17,7 @@ import sys
 import time
 
 _DSA = 'color_crop_cutout_flip_scale_rotate'
+_BACKBONES = ('mtt', 'ftd', 'datm', 'idc', 'dm', 'dc', 'dsa')
 
 
 def _device_peak() -> dict:
@@ -48,9 +49,12 @@ def measure(a: dict) -> dict:
   from benchmarks import common
 
   shape = tuple(a['shape'])
-  net = create_network('convnet', 10, shape, width=a['width'], depth=3)
+  arch = a.get('arch', 'convnet')
+  # As the pipeline's cross-architecture evaluation: AlexNet without norm.
+  net = create_network(arch, 10, shape, width=a['width'], depth=3,
+                       norm='none' if arch == 'alexnet' else 'instance')
   kind = a['kind']
-  row = dict(kind=kind, shape='x'.join(map(str, shape)))
+  row = dict(kind=kind, shape='x'.join(map(str, shape)), arch=arch)
   if kind == 'step':
     n, t = a['n_images'], a['trajectories']
     keys = jax.random.split(jax.random.key(0), t)
@@ -124,6 +128,12 @@ def rows_for(a: argparse.Namespace) -> list[dict]:
   rows += [dict(base, kind='eval', models=a.models, mode=m, epochs=a.eval_epochs)
            for m in ('vmap', 'sequential')]
   rows += [dict(base, kind='eval', models=1, mode='sequential', epochs=a.eval_epochs)]
+  # One cross-architecture evaluation (the paper's Table 2): the same 5 models
+  # x eval_epochs on each other network.
+  # 'auto' as the pipeline: vmapped on an accelerator, one by one on a CPU
+  # (vmapped AlexNet at 32x32 takes 10 GB and minutes there).
+  rows += [dict(base, kind='eval', models=a.models, mode='auto', epochs=a.eval_epochs,
+                arch=arch) for arch in a.architectures.split(',') if arch]
   return rows
 
 
@@ -136,13 +146,18 @@ def summary(rows: list[dict]) -> list[str]:
     q = ev['s'] / es['s']
     lines.append(f'- {ev["experts"]} experts batched < 1/2 sequential: '
                  f'**{"PASS" if q < 0.5 else "FAIL"}** ({q:.2f}x)')
-  one = ok(kind='eval', models=1)
+  one = ok(kind='eval', models=1, arch='convnet')
+  many = next((r.get('models') for r in rows
+               if r.get('kind') == 'eval' and r.get('models', 1) > 1), None)
   for mode in ('vmap', 'sequential'):
-    r = ok(kind='eval', mode=mode, models=rows[-2].get('models'))
+    r = ok(kind='eval', mode=mode, models=many, arch='convnet')
     if r and one:
       q = r['s'] / one['s']
       lines.append(f'- {r["models"]} evaluation models ({mode}) within 1.5x of '
                    f'one: **{"PASS" if q <= 1.5 else "FAIL"}** ({q:.2f}x)')
+  total = sum(r.get('wall_s', 0) for r in rows)
+  lines.append(f'- whole suite within 8 minutes: **{"PASS" if total <= 480 else "FAIL"}** '
+               f'({total:.0f} s of row processes)')
   lines.append('- step >= 3x the reference: compare the step rows with the '
                'reference step measured on the same GPU (not in this suite: '
                'torch_mtt_step.py is CPU-only).')
@@ -163,6 +178,10 @@ def main():
   p.add_argument('--models', type=int, default=5)
   p.add_argument('--eval_epochs', type=int, default=300)
   p.add_argument('--reps', type=int, default=3)
+  p.add_argument('--architectures', default='alexnet,vgg11,resnet18',
+                 help='cross-architecture evaluation rows ("" for none)')
+  p.add_argument('--backbones', default=','.join(_BACKBONES),
+                 help='one-iteration rows, each backbone\'s CIFAR-10 ipc-10 row')
   p.add_argument('--out', default='benchmarks/results/gpu_suite')
   a = p.parse_args()
   if a.json:
@@ -171,19 +190,25 @@ def main():
   if a.tiny:
     a.steps, a.trajectories, a.n_images, a.width = '1,2', '2', 20, 8
     a.experts, a.expert_images, a.models, a.eval_epochs, a.reps = 2, 256, 2, 2, 1
-  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  from benchmarks import backbone_step, common  # pylint: disable=g-import-not-at-top
   rows = []
   for args in rows_for(a):
     row = common.run_isolated('benchmarks.gpu_suite', args, timeout=600)
     rows.append(row)
     print(json.dumps(row), file=sys.stderr, flush=True)
+  # One distillation iteration of every backbone (its CIFAR-10 ipc-10 row).
+  for args in backbone_step.rows_for(a.backbones, 10, a.tiny, a.reps):
+    row = common.run_isolated('benchmarks.backbone_step', args, timeout=600)
+    row['kind'] = 'backbone'
+    rows.append(row)
+    print(json.dumps(row), file=sys.stderr, flush=True)
   lines = summary(rows)
   cmd = 'python -m benchmarks.gpu_suite ' + ' '.join(sys.argv[1:])
   print(common.write_outputs(
-      rows, ['kind', 'shape', 'steps', 'trajectories', 'experts', 'models', 'mode',
-             'epochs', 's', 's_per_trajectory', 'first_s', 'peak_device_mib',
+      rows, ['kind', 'arch', 'backbone', 'shape', 'steps', 'trajectories', 'experts', 'models', 'mode',
+             'epochs', 's', 's_per_iteration', 's_per_trajectory', 'first_s', 'peak_device_mib',
              'peak_rss_mib', 'wall_s', 'device', 'error'],
-      a.out, 'GPU suite (issue 17)', cmd, extra=dict(summary=lines),
+      a.out, 'GPU suite (issues 17, 26)', cmd, extra=dict(summary=lines),
       footer='\n'.join(['', 'Targets (issue 17):', ''] + lines)))
 
 

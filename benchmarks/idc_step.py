@@ -72,7 +72,26 @@ def measure(args: dict) -> dict:
     times.append(time.time() - t0)
     call = (state,) + call[1:]
   med = statistics.median(times)
-  return dict(shape='x'.join(map(str, shape)), ipc=ipc, inner_loop=inner,
+  extra = {}
+  if args.get('split'):
+    # The network update on real data alone (`IDC.train_network`), the part
+    # the official code runs as `train.train_epoch(n_data=...)`.
+    resource = jax.tree.map(lambda v: v[0], source.sample(0, 1))
+    net_state = backbone.initial_network(plan, resource, jax.random.key(5))
+    update = jax.jit(lambda net_state, key: backbone.train_network(
+        plan, net_state, key, source.data))
+    jax.block_until_ready(update(net_state, jax.random.key(6)))
+    upd = []
+    for i in range(args.get('reps', 2)):
+      t0 = time.time()
+      jax.block_until_ready(update(net_state, jax.random.key(7 + i)))
+      upd.append(time.time() - t0)
+    # The step trains the network between two matches, not after the last
+    # one (the next iteration starts a new network): inner_loop matches and
+    # inner_loop - 1 updates.
+    u = statistics.median(upd)
+    extra = dict(update_s=round(u, 3), match_s=round((med - (inner - 1) * u) / inner, 3))
+  return dict(**extra,shape='x'.join(map(str, shape)), ipc=ipc, inner_loop=inner,
               s_per_outer=round(med, 2), s_per_match=round(med / inner, 3),
               s_per_outer_100=round(med / inner * 100, 1),
               compile_s=round(compile_s, 1), reps=len(times),

@@ -19,6 +19,10 @@ dependency of the package; without it the torch rows are skipped):
   * step: `torch_mtt_step.py` (`--step_script`, default $TORCH_STEP_SCRIPT or
     ../shared/bench/torch_mtt_step.py), the official MTT inner loop
     re-implemented (functional unroll with create_graph, DSA, 2 threads);
+  * idc: `benchmarks/idc_reference.py`, one outer step of the official IDC
+    code itself (`--idc_repo`, default $IDC_REPO: a checkout of
+    snu-mllab/Efficient-Dataset-Condensation), against ours at the same
+    settings (`--phases=idc --shapes=32x32x3`);
   * expert / eval: `benchmarks/torch_ref.py`, benchmark-only PyTorch written
     for this harness on the same networks and DSA. Evaluation rows run each of
     `--eval_models` (default: ConvNet-3 and the cross-architecture AlexNet,
@@ -162,7 +166,24 @@ def measure_eval(a: dict) -> dict:
               first_s=round(times[0], 2), peak_rss_mib=common.self_peak_rss_mib())
 
 
-_MEASURE = dict(step=measure_step, expert=measure_expert, eval=measure_eval)
+def measure_idc(a: dict) -> dict:
+  """One IDC outer step (a match over every class, then the network update on
+  `n_data` real images) with the package's CIFAR-10 row, after compiling;
+  `update_s` times the network update alone (`benchmarks/idc_step.py`)."""
+  from benchmarks import idc_step  # pylint: disable=g-import-not-at-top
+  row = idc_step.measure(dict(shape=list(_shape(a['shape'])), ipc=a['ipc'],
+                              inner_loop=1, reps=a.get('reps', 2), split=True,
+                              real_per_class=a.get('real_per_class', 500)))
+  # One match over the classes plus one network update, as the reference
+  # side times (our step skips the update after its last match: the next
+  # iteration starts a fresh network, so it changes nothing).
+  return dict(s=round(row['match_s'] + row['update_s'], 3), match_s=row['match_s'],
+              update_s=row['update_s'], first_s=row['compile_s'],
+              peak_rss_mib=row['peak_rss_mib'])
+
+
+_MEASURE = dict(step=measure_step, expert=measure_expert, eval=measure_eval,
+                idc=measure_idc)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -205,7 +226,15 @@ def torch_available(torch_python: str) -> str:
 
 
 def run_reference(phase: str, args: dict, torch_python: str, step_script: str,
-                  timeout: float) -> dict:
+                  timeout: float, idc_repo: str = '') -> dict:
+  if phase == 'idc':
+    if not idc_repo:
+      return dict(error='no --idc_repo / $IDC_REPO (a checkout of '
+                  'snu-mllab/Efficient-Dataset-Condensation)')
+    return _run([torch_python, os.path.join(_REPO, 'benchmarks', 'idc_reference.py'),
+                 '--idc_repo', idc_repo, '--shape', args['shape'],
+                 '--ipc', str(args['ipc']), '--reps', str(args['reps']),
+                 '--warmup', str(args['warmup'])], timeout)
   if phase == 'step':
     cmd = [torch_python, step_script, '--shape', args['shape'],
            '--steps', str(args['steps']), '--n_images', str(args['n_images']),
@@ -246,8 +275,10 @@ def grid(a: argparse.Namespace) -> list[tuple[str, dict]]:
           rows.append((phase, dict(common, shape=shape, images=a.eval_images,
                                    epochs=a.eval_epochs, reps=min(a.reps, 1),
                                    warmup=0, model=model)))
+      elif phase == 'idc':
+        rows.append((phase, dict(common, shape=shape, ipc=a.idc_ipc)))
       else:
-        raise SystemExit(f'unknown phase {phase!r}: step|expert|eval')
+        raise SystemExit(f'unknown phase {phase!r}: step|expert|eval|idc')
   return rows
 
 
@@ -256,6 +287,8 @@ def _size(phase: str, args: dict) -> str:
     return f'{args["steps"]} steps'
   if phase == 'expert':
     return f'1 epoch, {args["images"]} images'
+  if phase == 'idc':
+    return f'1 outer step, ipc {args["ipc"]}'
   return f'{args["epochs"]} epochs, {args["images"]} images'
 
 
@@ -294,7 +327,7 @@ def run_grid(a: argparse.Namespace) -> tuple[list[dict], str]:
       def reference():
         if not why_no_torch:
           ref.append(run_reference(phase, args, a.torch_python, a.step_script,
-                                   a.timeout))
+                                   a.timeout, a.idc_repo))
       order = (ours_all, reference) if (r + k) % 2 == 0 else (reference, ours_all)
       for f in order:
         f()
@@ -304,6 +337,8 @@ def run_grid(a: argparse.Namespace) -> tuple[list[dict], str]:
     row['ref_s'] = None if ref_s is None else round(ref_s, 3)
     row['ref_rss_mib'] = _med(ref, 'peak_rss_mib')
     row['ref_load1'] = _med(ref, 'load1')
+    if phase == 'idc':  # where each side spends the outer step
+      row['ref_match_s'], row['ref_update_s'] = _med(ref, 'match_s'), _med(ref, 'update_s')
     errors = [x['error'] for x in ref if 'error' in x]
     if why_no_torch:
       row['note'] = f'reference skipped: {why_no_torch}'
@@ -318,6 +353,9 @@ def run_grid(a: argparse.Namespace) -> tuple[list[dict], str]:
       row[p + 'ours_rss_mib'] = _med(rs, 'peak_rss_mib')
       row[p + 'ours_compile_s'] = _med(rs, 'compile_s') or _med(rs, 'first_s')
       row[p + 'ours_load1'] = _med(rs, 'load1')
+      if phase == 'idc':
+        row[p + 'ours_match_s'] = _med(rs, 'match_s')
+        row[p + 'ours_update_s'] = _med(rs, 'update_s')
       if s and ref_s:
         row[p + 'ratio'] = round(ref_s / s, 2)
         if row[p + 'ours_rss_mib'] and row['ref_rss_mib']:
@@ -352,7 +390,7 @@ def summary(rows: list[dict]) -> list[str]:
       q = b['ours_rss_mib'] / a['ours_rss_mib']
       lines.append(f'- memory 80 / 10 steps <= 1.5x, {shape}: '
                    f'**{"PASS" if q <= 1.5 else "FAIL"}** ({q:.2f}x)')
-  for phase in ('expert', 'eval'):
+  for phase in ('expert', 'eval', 'idc'):
     rs = [r for r in rows if r['phase'] == phase and r.get('ratio')]
     if rs:
       worst = min(r['ratio'] for r in rs)
@@ -375,6 +413,9 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument('--eval_epochs', type=int, default=300)
   p.add_argument('--eval_models', default='convnet,alexnet,vgg11,resnet18',
                  help='evaluation networks, one row each (--quick: convnet)')
+  p.add_argument('--idc_ipc', type=int, default=10)
+  p.add_argument('--idc_repo', default=os.environ.get('IDC_REPO', ''),
+                 help='checkout of the official IDC code (phase idc)')
   p.add_argument('--reps', type=int, default=3)
   p.add_argument('--warmup', type=int, default=1)
   p.add_argument('--rounds', type=int, default=1,

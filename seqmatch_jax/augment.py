@@ -89,6 +89,9 @@ class AugmentParams:
     align_corners: static; torch grid_sample semantics of the affine families.
     always: static; families applied on every call around the drawn one
       (IDC style: flip, color, [drawn], cutout); () for DSA style.
+    drawn_rows: static; the batch the draw was made for when it is applied
+      to its first rows only (`take_rows`), else 0: the noise family then
+      draws the full batch's noise and keeps those rows.
   """
   family: jax.Array
   brightness: jax.Array
@@ -105,6 +108,7 @@ class AugmentParams:
   families: tuple[str, ...] = ()
   align_corners: bool = True
   always: tuple[str, ...] = ()
+  drawn_rows: int = 0
 
   def replace(self, **changes) -> 'AugmentParams':
     """Returns a copy with some fields changed (handy for handcrafted draws)."""
@@ -113,11 +117,11 @@ class AugmentParams:
 
 _DATA_FIELDS = tuple(
     f.name for f in dataclasses.fields(AugmentParams)
-    if f.name not in ('families', 'align_corners', 'always'))
+    if f.name not in ('families', 'align_corners', 'always', 'drawn_rows'))
 jax.tree_util.register_dataclass(
     AugmentParams,
     data_fields=list(_DATA_FIELDS),
-    meta_fields=['families', 'align_corners', 'always'])
+    meta_fields=['families', 'align_corners', 'always', 'drawn_rows'])
 
 
 def _parse_strategy(strategy: str) -> tuple[str, ...]:
@@ -340,7 +344,9 @@ def _rotate(x: jax.Array, p: AugmentParams) -> jax.Array:
 
 def _noise(x: jax.Array, p: AugmentParams) -> jax.Array:
   """Additive Gaussian noise, regenerated from the seed: siamese-identical."""
-  eps = jax.random.normal(jax.random.PRNGKey(p.noise_seed), x.shape, x.dtype)
+  rows = max(p.drawn_rows, x.shape[0])
+  eps = jax.random.normal(jax.random.PRNGKey(p.noise_seed), (rows,) + x.shape[1:],
+                          x.dtype)[:x.shape[0]]
   return x + p.noise_std.astype(x.dtype) * eps
 
 
@@ -394,14 +400,34 @@ def augment(
     x: jax.Array,
     strategy: str = DEFAULT_STRATEGY,
     dsa: DSAParams = DSAParams(),
+    draw_rows: int | None = None,
 ) -> jax.Array:
-  """DSA of one NHWC batch: one random family, per-sample parameters."""
+  """DSA of one NHWC batch: one random family, per-sample parameters.
+
+  `draw_rows` (>= x's batch): draw for that many rows and transform x with
+  the first ones' draws, i.e. the first rows of the augmented padded batch
+  without augmenting the padding (a short evaluation batch, `SGDSpec.
+  trim_short_batch`).
+  """
   if x.ndim != 4:
     raise ValueError(f'Expected NHWC images, got shape {x.shape}.')
   if not _parse_strategy(strategy):
     return x  # Identity: skip the (unused) draw.
-  return apply_params(x, sample_params(key, strategy, x.shape[0], x.shape[1:],
-                                       dsa))
+  rows = x.shape[0] if draw_rows is None else int(draw_rows)
+  if rows < x.shape[0]:
+    raise ValueError(f'draw_rows={rows} is smaller than the batch {x.shape[0]}.')
+  params = sample_params(key, strategy, rows, x.shape[1:], dsa)
+  return apply_params(x, take_rows(params, x.shape[0]))
+
+
+def take_rows(params: AugmentParams, n: int) -> AugmentParams:
+  """The draws of the first `n` samples of `params` (exactly what they get
+  in the whole batch, the noise family included)."""
+  rows = params.flip.shape[0]
+  if n == rows:
+    return params
+  return params.replace(drawn_rows=max(params.drawn_rows, rows), **{
+      f: getattr(params, f)[:n] for f in _PER_SAMPLE_FIELDS})
 
 
 def augment_siamese(

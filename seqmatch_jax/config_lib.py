@@ -109,6 +109,12 @@ def base_config() -> ml_collections.ConfigDict:
   # (their batch statistics would change). False = the padded computation of
   # runs made before issue 17.
   c.eval.trim_short_batch = True
+  # Normalisation of the cross-architecture networks (every eval architecture
+  # other than model.name): '' = model.norm, AlexNet without (the literature's
+  # tables); instance | batch | layer | none sets it for all of them. On 8x8
+  # images VGG11 and ResNet18 normalise 1x1 maps, where instance norm outputs a
+  # constant (the run is refused): use batch, layer or none there.
+  c.eval.cross_arch_norm = ''
 
   c.parallel = ml_collections.ConfigDict()
   c.parallel.distributed = 'auto'  # auto | yes | no: jax.distributed.initialize

@@ -48,6 +48,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.norm not in NORMS:
     raise ConfigError(f'model.norm must be one of {"|".join(NORMS)}, '
                       f'got {config.model.norm!r}.')
+  if config.eval.cross_arch_norm not in ('',) + tuple(NORMS):
+    raise ConfigError(f'eval.cross_arch_norm must be empty (model.norm) or one of '
+                      f'{"|".join(NORMS)}, got {config.eval.cross_arch_norm!r}.')
   if config.model.conv_impl not in ('auto', 'xla', 'im2col'):
     raise ConfigError(f"model.conv_impl must be auto|xla|im2col, got "
                       f"{config.model.conv_impl!r}.")

@@ -37,7 +37,8 @@ from seqmatch_jax import seqmatch
 from seqmatch_jax import synthetic
 from seqmatch_jax import visualize
 from seqmatch_jax.errors import ConfigError, Interrupted
-from seqmatch_jax.models import Network, check_image_size, create_network
+from seqmatch_jax.models import Network, check_image_size, check_normalization
+from seqmatch_jax.models import create_network
 
 
 @dataclasses.dataclass
@@ -226,6 +227,7 @@ def _run_stages(config, workdir: str, stop: StopFlag) -> dict | None:
   os.makedirs(workdir, exist_ok=True)
   data = prepare_data(config, workdir)
   check_image_size(config.model.name, data.image_shape, config.model.depth)
+  check_networks(config, data)
   check_data(config, data)
   if config.mode in ('all', 'distill'):
     for tag, cfg in distillation_runs(config):
@@ -253,6 +255,26 @@ def _run_stages(config, workdir: str, stop: StopFlag) -> dict | None:
     if writer is not None:
       writer.close()
   return results
+
+
+def check_networks(config, data: PreparedData) -> None:
+  """Refuses, before any training, a distillation model or evaluation
+  architecture whose instance norm would see 1x1 maps on these images (it
+  would train at chance; `models.check_normalization`)."""
+  shape = tuple(data.image_shape)
+  check_normalization(
+      network_for(config, config.model.name, data.num_classes, shape),
+      f'model.name={config.model.name}',
+      'Set --config.model.norm=batch (or layer, none), or use larger images.')
+  if config.mode not in ('all', 'evaluate'):
+    return
+  for arch in config.eval.architectures:
+    if arch != config.model.name:
+      check_normalization(
+          network_for(config, arch, data.num_classes, shape),
+          f'eval.architectures has {arch}',
+          'Set --config.eval.cross_arch_norm=batch (or layer, none) for the '
+          'cross-architecture networks, or leave it out of eval.architectures.')
 
 
 def check_data(config, data: PreparedData) -> None:
@@ -414,13 +436,22 @@ def protocol_name(config) -> str:
   return f'{backbones.backbone_class(config.backbone.name).title} (official)'
 
 
+def architecture_norm(config, name: str) -> str:
+  """The normalisation evaluation architecture `name` runs with: the
+  distillation model's own, or `eval.cross_arch_norm` for the others
+  (default: model.norm, and none for AlexNet, as in the literature's
+  cross-architecture tables)."""
+  if name == config.model.name:
+    return config.model.norm
+  if config.eval.cross_arch_norm:
+    return config.eval.cross_arch_norm
+  return 'none' if name == 'alexnet' else config.model.norm
+
+
 def network_for(config, name: str, num_classes: int, image_shape) -> Network:
-  """The distillation model itself, or a cross-architecture one. AlexNet is
-  evaluated without normalisation, as in the literature's cross-architecture
-  tables (its BatchNorm variant is model.norm=batch with model.name=alexnet)."""
-  norm = config.model.norm
-  if name == 'alexnet' and config.model.name != 'alexnet':
-    norm = 'none'
+  """The distillation model itself, or a cross-architecture one (its norm:
+  `architecture_norm`)."""
+  norm = architecture_norm(config, name)
   return create_network(name, num_classes, tuple(image_shape),
                         width=config.model.width, depth=config.model.depth,
                         norm=norm, conv_impl=config.model.conv_impl)
@@ -440,6 +471,8 @@ def _cell_spec(config, source: dict, architecture: str,
       model=dict(width=config.model.width, depth=config.model.depth,
                  norm=config.model.norm, conv_impl=config.model.conv_impl,
                  name=config.model.name))
+  if config.eval.cross_arch_norm:  # absent by default: earlier progress still counts
+    spec['model']['cross_arch_norm'] = config.eval.cross_arch_norm
   return json.loads(json.dumps(spec))  # as it reads back from the file
 
 

@@ -116,10 +116,11 @@ def sgd_step(network: Network, spec: SGDSpec, params: Params, state: State,
   the network sees only them (after the augmentation draw for the whole
   batch, so its randomness does not change). Returns (params, state,
   opt_state, loss at w)."""
-  if spec.augment:
-    x = augment_lib.augment(key, x, spec.augment, spec.dsa())
-  if keep:
+  if keep:  # the padded batch's draws for its real rows, padding not augmented
     x, y, mask = x[:keep], y[:keep], mask[:keep]
+  if spec.augment:
+    x = augment_lib.augment(key, x, spec.augment, spec.dsa(),
+                            draw_rows=spec.batch_size if keep else None)
   if spec.cutmix:
     x, partner, ratio = augment_lib.cutmix(jax.random.fold_in(key, _CUTMIX_SALT),
                                            x, spec.cutmix, valid=mask)
@@ -172,18 +173,20 @@ def run_epoch(network: Network, spec: SGDSpec, params: Params, state: State,
   idx, mask = batch_schedule(perm_key, images.shape[0], spec.batch_size)
   aug_keys = jax.random.split(aug_key, idx.shape[0])
   # Fewer images than one batch (evaluation on a distilled set): the batch is
-  # the n images then masked padding. With `trim_short_batch`, per-sample nets
-  # compute only the n rows (2.56x less work at n=100, batch 256; same loss and
-  # gradient up to float summation order; the augmentation still draws for the
-  # padded batch, so its randomness is unchanged). Not for BatchNorm nets,
-  # whose batch statistics include the padding. Opt-in: it moves results by
-  # float32 rounding, which the bitwise run pins would see.
+  # the n images then masked padding. With `trim_short_batch` the network sees
+  # only the n rows (2.56x less work at n=100, batch 256), as PyTorch's loader
+  # gives the reference a batch of n: for per-sample nets the same loss and
+  # gradient up to float summation order; for BatchNorm nets also the
+  # reference's batch statistics (the padded batch counts padding in them).
+  # The augmentation still uses the padded batch's draws for the n rows, so
+  # its randomness is unchanged. False: the padded computation (older runs).
   n = images.shape[0]
-  keep = (n if spec.trim_short_batch and n < spec.batch_size
-          and not network.has_state else 0)
+  keep = n if spec.trim_short_batch and n < spec.batch_size else 0
 
   def step(carry, inputs):
     i, m, k = inputs
+    if keep:
+      i = i[:keep]  # gather only the rows the network will see
     params, state, opt_state, loss = sgd_step(network, spec, *carry, images[i],
                                               labels[i], m, k, lr, keep)
     return (params, state, opt_state), loss

@@ -246,6 +246,25 @@ def test_siamese_identical_transforms():
     aug.augment_siamese(key, [x1, x2[:3]])
 
 
+def test_draw_rows_gives_the_padded_batch_first_rows():
+  """A short batch augmented with the padded batch's draws equals the first
+  rows of the augmented padded batch (what `trim_short_batch` relies on)."""
+  x = _images(3, (2 * B, H, W, C))
+  first = jax.jit(aug.augment, static_argnames=('strategy', 'draw_rows'))
+  for strategy in ('color', 'crop', 'cutout', 'flip', 'scale', 'rotate', 'noise',
+                   aug.DEFAULT_STRATEGY):
+    for seed in range(2):
+      key = jax.random.PRNGKey(seed)
+      want = _augment(key, x, strategy=strategy)[:B]
+      got = first(key, x[:B], strategy=strategy, draw_rows=2 * B)
+      if strategy == 'noise':  # the same draws; x + std * eps may fuse otherwise
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+      else:
+        np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match='draw_rows=3 is smaller'):
+    aug.augment(key, x[:B], draw_rows=3)
+
+
 # ----------------------------------------------------------------- gradients
 
 

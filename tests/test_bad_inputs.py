@@ -22,6 +22,7 @@ import pytest
 from seqmatch_jax import config_lib
 from seqmatch_jax import data
 from seqmatch_jax.errors import ConfigError, DataError
+from seqmatch_jax.models import create_network, single_pixel_norms
 from seqmatch_jax.models.networks import check_image_size
 from tests import helpers
 
@@ -127,6 +128,13 @@ CASES: list[tuple[str, Callable, str]] = [
     ('images_too_small', _tiny_images, '--config.model.depth=1 or less'),
     ('model_too_deep', _fixed(DIGITS, '--config.model.depth=5'),
      '--config.model.depth=3 or less'),
+    ('cross_arch_on_single_pixels',
+     _fixed(DIGITS, '--config.eval.architectures=(convnet,vgg11)'),
+     'Set --config.eval.cross_arch_norm=batch'),
+    ('model_on_single_pixels', _fixed(DIGITS, '--config.model.name=resnet18'),
+     'Set --config.model.norm=batch'),
+    ('bad_cross_arch_norm', _fixed(DIGITS, '--config.eval.cross_arch_norm=group'),
+     "eval.cross_arch_norm must be empty (model.norm) or one of"),
     ('damaged_metadata_experts', _damaged_metadata('experts'),
      'delete it and rerun with --config.mode=experts'),
     ('damaged_metadata_distill', _damaged_metadata('distill'),
@@ -279,6 +287,20 @@ def test_check_image_size_refuses(shape, depth, phrase):
 
 def test_check_image_size_ignores_fixed_architectures():
   check_image_size('resnet18', (8, 8, 1), 5)  # depth shapes the ConvNet only
+
+
+@pytest.mark.parametrize('name, shape, norm, layers', [
+    ('vgg11', (8, 8, 1), 'instance', 4),  # the four 512-channel convs at 1x1
+    ('resnet18', (8, 8, 1), 'instance', 5),  # layer4 (and its shortcut) at 1x1
+    ('vgg11', (8, 8, 1), 'batch', 0),
+    ('resnet18', (8, 8, 1), 'none', 0),
+    ('vgg11', (32, 32, 3), 'instance', 0),  # its last convs see 2x2
+    ('resnet18', (28, 28, 1), 'instance', 0),
+    ('convnet', (8, 8, 1), 'instance', 0),
+])
+def test_single_pixel_instance_norms(name, shape, norm, layers):
+  net = create_network(name, 10, shape, depth=2, norm=norm)
+  assert len(single_pixel_norms(net)) == layers
 
 
 def test_peek_image_shape(tmp_path):

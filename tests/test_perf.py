@@ -1,6 +1,7 @@
 """Issue 17: fast paths pinned against the plain ones; the benchmark harness
 runs (our side without torch; the torch side only where $TORCH_PYTHON has it)."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -51,6 +52,40 @@ def test_short_batch_trim_matches_padded_batch(norm):
   np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_short_batch_trim_gives_batchnorm_the_real_rows_only():
+  """A BatchNorm net on fewer images than a batch: the trimmed step is the
+  step on the n real rows alone (PyTorch's short batch): its batch statistics
+  and running averages leave the padding out."""
+  net = create_network('convnet', 10, (8, 8, 3), width=8, depth=2, norm='batch')
+  params, state = net.init(jax.random.key(0))
+  images = jax.random.normal(jax.random.key(1), (20, 8, 8, 3))
+  labels = jnp.arange(20) % 10
+  spec = training.SGDSpec(batch_size=64, momentum=0.9, weight_decay=5e-4,
+                          augment=_DSA, trim_short_batch=True)
+  key, lr = jax.random.key(3), jnp.float32(0.1)
+  got, got_state, _, loss = jax.jit(lambda p: training.run_epoch(
+      net, spec, p, state, spec.transform().init(p), images, labels, key, lr))(params)
+  tx = spec.transform()
+  perm_key, aug_key = jax.random.split(key)
+  idx, _ = training.batch_schedule(perm_key, 20, 64)
+  k = jax.random.split(aug_key, idx.shape[0])[0]
+  x = augment_lib.augment(k, images[idx[0]], _DSA, augment_lib.DSAParams())[:20]
+  (want_loss, want_state), grads = jax.value_and_grad(
+      functools.partial(training.masked_loss, net), has_aux=True)(
+          params, state, x, labels[idx[0][:20]], jnp.ones(20))
+  updates, _ = tx.update(grads, tx.init(params), params)
+  want = jax.tree.map(lambda p, u: p - lr * u, params, updates)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+  for g, w in zip(jax.tree.leaves((got, got_state)), jax.tree.leaves((want, want_state))):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  # The padded computation's statistics differ (padding counted in them).
+  padded = dataclasses.replace(spec, trim_short_batch=False)
+  _, pad_state, _, _ = jax.jit(lambda p: training.run_epoch(
+      net, padded, p, state, padded.transform().init(p), images, labels, key, lr))(params)
+  assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(pad_state),
+                                                   jax.tree.leaves(got_state)))
 
 
 @pytest.mark.starts_first

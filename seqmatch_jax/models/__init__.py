@@ -6,11 +6,13 @@ from seqmatch_jax.models.conv import CONV_IMPLS
 from seqmatch_jax.models.conv import Dense
 from seqmatch_jax.models.conv import resolve_conv_impl
 from seqmatch_jax.models.networks import check_image_size
+from seqmatch_jax.models.networks import check_normalization
 from seqmatch_jax.models.networks import create_network
 from seqmatch_jax.models.networks import MODEL_NAMES
 from seqmatch_jax.models.networks import Network
 from seqmatch_jax.models.networks import NORMS
 from seqmatch_jax.models.networks import Params
+from seqmatch_jax.models.networks import single_pixel_norms
 from seqmatch_jax.models.networks import State
 
 __all__ = [
@@ -23,7 +25,9 @@ __all__ = [
     'Params',
     'State',
     'check_image_size',
+    'check_normalization',
     'conv2d',
     'create_network',
+    'single_pixel_norms',
     'resolve_conv_impl',
 ]

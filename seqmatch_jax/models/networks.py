@@ -361,6 +361,45 @@ class Network:
                              embed=True)
 
 
+def single_pixel_norms(network: 'Network') -> list[str]:
+  """The instance-norm layers of `network` that normalise 1x1 maps on its
+  images: each outputs its bias whatever the input, so nothing before it
+  reaches the output and the network trains at chance (VGG11 and ResNet18 on
+  8x8 images: their last stages run at 1x1). Found by tracing shapes only."""
+  found = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, InstanceNorm) and context.method_name == '__call__':
+      h, w = args[0].shape[1:3]
+      if h * w == 1:
+        found.append(context.module.path[-1] if context.module.path else
+                     context.module.name)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: network.module.init(
+        jax.random.key(0), jnp.zeros((1,) + network.image_shape, jnp.float32)))
+  return found
+
+
+def check_normalization(network: 'Network', what: str, fix: str) -> None:
+  """Refuses a network whose instance norm would see 1x1 maps, before any
+  training (`single_pixel_norms`), naming `fix`.
+
+  Raises:
+    ConfigError: naming the layers and the fix.
+  """
+  layers = single_pixel_norms(network)
+  if layers:
+    h, w = network.image_shape[:2]
+    shown = ', '.join(layers[:3]) + (f' and {len(layers) - 3} more'
+                                     if len(layers) > 3 else '')
+    raise ConfigError(
+        f'{what}: {network.name} with instance norm normalises 1x1 maps on '
+        f'{h}x{w} images ({shown}); such a layer outputs a constant, so the '
+        f'network would train at chance. {fix}')
+
+
 def create_network(name: str, num_classes: int,
                    image_shape: tuple[int, int, int], *, width: int = 128,
                    depth: int = 3, norm: str = 'instance',
