@@ -1,7 +1,6 @@
 """Issue 17: fast paths pinned against the plain ones; the benchmark harness
 runs (our side without torch; the torch side only where $TORCH_PYTHON has it)."""
 
-import dataclasses
 import functools
 import json
 import os
@@ -34,19 +33,27 @@ def _padded_epoch_step(net, spec, params, state, images, labels, key, lr):
   return jax.tree.map(lambda p, u: p - lr * u, params, updates), loss
 
 
-@pytest.mark.parametrize('norm', ['instance', 'none'])
-def test_short_batch_trim_matches_padded_batch(norm):
-  """Fewer images than a batch: computing only the real rows gives the padded
-  batch's loss and update to float32 rounding (same DSA draws)."""
+def _short_batch_epoch(norm: str, trim: bool = True):
+  """One run_epoch of a width-8 ConvNet on 20 images with batch 64 (a short
+  batch): (net, spec, params, state, images, labels, key, lr, its outputs)."""
   net = create_network('convnet', 10, (8, 8, 3), width=8, depth=2, norm=norm)
   params, state = net.init(jax.random.key(0))
   images = jax.random.normal(jax.random.key(1), (20, 8, 8, 3))
   labels = jnp.arange(20) % 10
   spec = training.SGDSpec(batch_size=64, momentum=0.9, weight_decay=5e-4,
-                          augment=_DSA, trim_short_batch=True)
+                          augment=_DSA, trim_short_batch=trim)
   key, lr = jax.random.key(3), jnp.float32(0.1)
-  got, _, _, loss = jax.jit(lambda p: training.run_epoch(
+  out = jax.jit(lambda p: training.run_epoch(
       net, spec, p, state, spec.transform().init(p), images, labels, key, lr))(params)
+  return net, spec, params, state, images, labels, key, lr, out
+
+
+@pytest.mark.parametrize('norm', ['instance', 'none'])
+def test_short_batch_trim_matches_padded_batch(norm):
+  """Fewer images than a batch: computing only the real rows gives the padded
+  batch's loss and update to float32 rounding (same DSA draws)."""
+  net, spec, params, state, images, labels, key, lr, out = _short_batch_epoch(norm)
+  got, _, _, loss = out
   want, want_loss = _padded_epoch_step(net, spec, params, state, images, labels,
                                        key, lr)
   np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
@@ -58,15 +65,8 @@ def test_short_batch_trim_gives_batchnorm_the_real_rows_only():
   """A BatchNorm net on fewer images than a batch: the trimmed step is the
   step on the n real rows alone (PyTorch's short batch): its batch statistics
   and running averages leave the padding out."""
-  net = create_network('convnet', 10, (8, 8, 3), width=8, depth=2, norm='batch')
-  params, state = net.init(jax.random.key(0))
-  images = jax.random.normal(jax.random.key(1), (20, 8, 8, 3))
-  labels = jnp.arange(20) % 10
-  spec = training.SGDSpec(batch_size=64, momentum=0.9, weight_decay=5e-4,
-                          augment=_DSA, trim_short_batch=True)
-  key, lr = jax.random.key(3), jnp.float32(0.1)
-  got, got_state, _, loss = jax.jit(lambda p: training.run_epoch(
-      net, spec, p, state, spec.transform().init(p), images, labels, key, lr))(params)
+  net, spec, params, state, images, labels, key, lr, out = _short_batch_epoch('batch')
+  got, got_state, _, loss = out
   tx = spec.transform()
   perm_key, aug_key = jax.random.split(key)
   idx, _ = training.batch_schedule(perm_key, 20, 64)
@@ -81,9 +81,7 @@ def test_short_batch_trim_gives_batchnorm_the_real_rows_only():
   for g, w in zip(jax.tree.leaves((got, got_state)), jax.tree.leaves((want, want_state))):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
   # The padded computation's statistics differ (padding counted in them).
-  padded = dataclasses.replace(spec, trim_short_batch=False)
-  _, pad_state, _, _ = jax.jit(lambda p: training.run_epoch(
-      net, padded, p, state, padded.transform().init(p), images, labels, key, lr))(params)
+  pad_state = _short_batch_epoch('batch', trim=False)[-1][1]
   assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(pad_state),
                                                    jax.tree.leaves(got_state)))
 
