@@ -49,14 +49,48 @@ def _expert_epochs(plans) -> int:
              + int(p.settings.get('expert_epochs', 0)) for p in plans)
 
 
+def prepare_step(config, net, x, y, experts_dir: str = ''):
+  """What the pipeline builds for subset 1 of `config` on real data (x, y)
+  (random stand-ins; 10 classes, pixels normalised with mean 0.5, std 0.25):
+  (jitted step, state, frozen, source, plan, backbone), one trajectory per
+  step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+  import numpy as np
+  from seqmatch_jax import backbones, distill, seqmatch
+  from seqmatch_jax.data.preprocess import Preprocessor
+
+  shape = tuple(net.image_shape)
+  x, y = jnp.asarray(x), jnp.asarray(y)
+  ctx = seqmatch.Context(
+      workdir='', network=net, x_train=x, y_train=y, x_test=x[:100],
+      y_test=y[:100], x_val=None, y_val=None, num_classes=10,
+      experts_dir=experts_dir, expert_metadata={}, key=jax.random.key(0),
+      preprocessor=Preprocessor(mean=np.full(shape[-1], 0.5, np.float32),
+                                std=np.full(shape[-1], 0.25, np.float32)))
+  backbone = backbones.create(config, net)
+  plan = seqmatch.subset_plans(config, shape)[0]
+  images = seqmatch.initial_images(jax.random.key(1), x, y, [plan.ipc], 10,
+                                   config.distill.pix_init, plan.run.param,
+                                   ctx.preprocessor.to_pixels)
+  labels = seqmatch.subset_layout([plan.ipc], 10)[0]
+  done = backbones.Done(images[:0], labels[:0], labels[:0], [])
+  source = backbone.prepare(ctx, plan, done)
+  trainable, optimizers = backbone.init(plan, source, images, labels)
+  layout = backbones.Layout(labels, np.zeros(len(labels), np.int32), 10)
+  step = distill.make_distill_step(backbone, plan, optimizers, layout,
+                                   trajectories=1)
+  state = distill.init_state(trainable, optimizers, jax.random.key(2))
+  frozen = dict(images=jnp.asarray(images[:0]), labels=jnp.asarray(labels[:0]))
+  return step, state, frozen, source, plan, backbone
+
+
 def measure(args: dict) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
   import numpy as np
-  from seqmatch_jax import backbones, config_lib, distill, seqmatch
+  from seqmatch_jax import backbones, config_lib, pipeline, seqmatch
   from seqmatch_jax import experts as experts_lib
-  from seqmatch_jax.data.preprocess import Preprocessor
-  from seqmatch_jax.models import create_network
   from benchmarks import common
 
   name, ipc, tiny = args['backbone'], args['ipc'], args.get('tiny', False)
@@ -71,19 +105,15 @@ def measure(args: dict) -> dict:
   if tiny:
     settings.update(TINY[name], **{'model.width': 8})
   config_lib.apply_settings(config, settings)
-  net = create_network(config.model.name, 10, shape, width=config.model.width,
-                       depth=config.model.depth, norm=config.model.norm,
-                       conv_impl=config.model.conv_impl)
+  net = pipeline.network_for(config, config.model.name, 10, shape)
   rng = np.random.default_rng(0)
   per_class = args.get('real_per_class', 50 if tiny else 500)
   x = jnp.asarray(rng.normal(size=(10 * per_class,) + shape).astype(np.float32))
   y = jnp.asarray(np.tile(np.arange(10), per_class).astype(np.int32))
   plans = seqmatch.subset_plans(config, shape)
-  plan = plans[0]
-  backbone = backbones.create(config, net)
   workdir = tempfile.mkdtemp(prefix='backbone_step_')
   experts_s = 0.0
-  if type(backbone).needs_experts:
+  if backbones.backbone_class(name).needs_experts:
     config.experts.epochs = _expert_epochs(plans)
     spec = experts_lib.spec_from_config(config, config.experts.epochs)
     t0 = time.perf_counter()
@@ -92,26 +122,9 @@ def measure(args: dict) -> dict:
         y[:100], jax.random.key(3), dict(seed=0, image_shape=list(shape)),
         progress=False)
     experts_s = time.perf_counter() - t0
-  ctx = seqmatch.Context(
-      workdir=workdir, network=net, x_train=x, y_train=y, x_test=x[:100],
-      y_test=y[:100], x_val=None, y_val=None, num_classes=10,
-      experts_dir=os.path.join(workdir, 'experts'), expert_metadata={},
-      key=jax.random.key(0),
-      preprocessor=Preprocessor(mean=np.full(shape[-1], 0.5, np.float32),
-                                std=np.full(shape[-1], 0.25, np.float32)))
-  images = seqmatch.initial_images(jax.random.key(1), x, y, [plan.ipc], 10,
-                                   config.distill.pix_init, plan.run.param,
-                                   ctx.preprocessor.to_pixels)
-  labels = seqmatch.subset_layout([plan.ipc], 10)[0]
-  done = backbones.Done(images[:0], labels[:0], labels[:0], [])
-  source = backbone.prepare(ctx, plan, done)
-  trainable, optimizers = backbone.init(plan, source, images, labels)
-  layout = backbones.Layout(labels, np.zeros(len(labels), np.int32), 10)
+  step, state, frozen, source, plan, _ = prepare_step(
+      config, net, x, y, os.path.join(workdir, 'experts'))
   trajectories = 1
-  step = distill.make_distill_step(backbone, plan, optimizers, layout,
-                                   trajectories=trajectories)
-  state = distill.init_state(trainable, optimizers, jax.random.key(2))
-  frozen = dict(images=jnp.asarray(images[:0]), labels=jnp.asarray(labels[:0]))
 
   def call(i, state):
     new, metrics = step(state, frozen, source.sample(i, trajectories), source.data)

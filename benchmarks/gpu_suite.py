@@ -16,8 +16,9 @@ import statistics
 import sys
 import time
 
+from benchmarks import backbone_step
+
 _DSA = 'color_crop_cutout_flip_scale_rotate'
-_BACKBONES = ('mtt', 'ftd', 'datm', 'idc', 'dm', 'dc', 'dsa')
 
 
 def _device_peak() -> dict:
@@ -180,7 +181,7 @@ def main():
   p.add_argument('--reps', type=int, default=3)
   p.add_argument('--architectures', default='alexnet,vgg11,resnet18',
                  help='cross-architecture evaluation rows ("" for none)')
-  p.add_argument('--backbones', default=','.join(_BACKBONES),
+  p.add_argument('--backbones', default=','.join(backbone_step.BACKBONES),
                  help='one-iteration rows, each backbone\'s CIFAR-10 ipc-10 row')
   p.add_argument('--out', default='benchmarks/results/gpu_suite')
   a = p.parse_args()
@@ -190,7 +191,7 @@ def main():
   if a.tiny:
     a.steps, a.trajectories, a.n_images, a.width = '1,2', '2', 20, 8
     a.experts, a.expert_images, a.models, a.eval_epochs, a.reps = 2, 256, 2, 2, 1
-  from benchmarks import backbone_step, common  # pylint: disable=g-import-not-at-top
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
   rows = []
   for args in rows_for(a):
     row = common.run_isolated('benchmarks.gpu_suite', args, timeout=600)

@@ -25,10 +25,10 @@ import time
 def measure(args: dict) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np
-  from seqmatch_jax import backbones, config_lib, distill, seqmatch
-  from seqmatch_jax.data.preprocess import Preprocessor
+  from seqmatch_jax import config_lib
   from seqmatch_jax.models import create_network
   from benchmarks import common
+  from benchmarks.backbone_step import prepare_step
 
   shape, ipc, inner = tuple(args['shape']), args['ipc'], args['inner_loop']
   config = config_lib.base_config()
@@ -40,26 +40,7 @@ def measure(args: dict) -> dict:
   per_class = args.get('real_per_class', 500)
   x = rng.normal(size=(10 * per_class,) + shape).astype(np.float32)
   y = np.repeat(np.arange(10), per_class).astype(np.int32)
-  ctx = seqmatch.Context(
-      workdir='', network=net, x_train=jax.numpy.asarray(x),
-      y_train=jax.numpy.asarray(y), x_test=None, y_test=None, x_val=None, y_val=None,
-      num_classes=10, experts_dir='', expert_metadata={}, key=jax.random.key(0),
-      preprocessor=Preprocessor(mean=np.full(shape[-1], 0.5, np.float32),
-                                std=np.full(shape[-1], 0.25, np.float32)))
-  backbone = backbones.create(config, net)
-  plan = seqmatch.subset_plans(config, shape)[0]
-  images = seqmatch.initial_images(jax.random.key(1), x, y, [ipc], 10, 'real',
-                                   plan.run.param, ctx.preprocessor.to_pixels)
-  labels = seqmatch.subset_layout([ipc], 10)[0]
-  done = backbones.Done(images[:0], labels[:0], labels[:0], [])
-  source = backbone.prepare(ctx, plan, done)
-  trainable, optimizers = backbone.init(plan, source, images, labels)
-  layout = backbones.Layout(labels, np.zeros(len(labels), np.int32), 10)
-  step = distill.make_distill_step(backbone, plan, optimizers, layout,
-                                   trajectories=1)
-  state = distill.init_state(trainable, optimizers, jax.random.key(2))
-  frozen = dict(images=jax.numpy.asarray(images[:0]),
-                labels=jax.numpy.asarray(labels[:0]))
+  step, state, frozen, source, plan, backbone = prepare_step(config, net, x, y)
   call = (state, frozen, source.sample(0, 1), source.data)
   t0 = time.time()
   compiled = step.lower(*call).compile()

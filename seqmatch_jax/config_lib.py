@@ -105,9 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.protocol = 'backbone'
   # Train on only the real rows of a short batch (< batch_size images; every
   # ipc-10 evaluation): 2.5x less work than padding it to batch_size, same loss
-  # and gradient up to float32 summation order. BatchNorm nets always pad
-  # (their batch statistics would change). False = the padded computation of
-  # runs made before issue 17.
+  # and gradient up to float32 summation order; BatchNorm nets also get the
+  # reference's batch statistics (issue 26). False = the padded computation
+  # of runs made before issue 17.
   c.eval.trim_short_batch = True
   # Normalisation of the cross-architecture networks (every eval architecture
   # other than model.name): '' = model.norm, AlexNet without (the literature's

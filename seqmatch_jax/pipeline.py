@@ -234,9 +234,8 @@ def _run_stages(config, workdir: str, stop: StopFlag) -> dict | None:
       seqmatch.check_finished_work(cfg, os.path.join(workdir, tag))
   # Only now is the run known to start: a refused run leaves config.json alone.
   parallel.main_only(lambda: write_config(config, workdir), 'config.json')
-  network = create_network(config.model.name, data.num_classes, data.image_shape,
-                           width=config.model.width, depth=config.model.depth,
-                           norm=config.model.norm, conv_impl=config.model.conv_impl)
+  network = network_for(config, config.model.name, data.num_classes,
+                        data.image_shape)
   key = jax.random.key(config.seed)
   writer = _writer(workdir)
   results = None
@@ -471,7 +470,8 @@ def _cell_spec(config, source: dict, architecture: str,
       model=dict(width=config.model.width, depth=config.model.depth,
                  norm=config.model.norm, conv_impl=config.model.conv_impl,
                  name=config.model.name))
-  if config.eval.cross_arch_norm:  # absent by default: earlier progress still counts
+  if config.eval.cross_arch_norm and architecture != config.model.name:
+    # Only where it applies, and absent by default: earlier progress counts.
     spec['model']['cross_arch_norm'] = config.eval.cross_arch_norm
   return json.loads(json.dumps(spec))  # as it reads back from the file
 

@@ -372,8 +372,7 @@ def single_pixel_norms(network: 'Network') -> list[str]:
     if isinstance(context.module, InstanceNorm) and context.method_name == '__call__':
       h, w = args[0].shape[1:3]
       if h * w == 1:
-        found.append(context.module.path[-1] if context.module.path else
-                     context.module.name)
+        found.append(context.module.name)
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
