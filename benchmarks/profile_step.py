@@ -33,6 +33,13 @@ threads (inter-op parallelism), so the category sums are thread-seconds; the
 table gives each as a share of the total thunk time and the wall time of the
 traced calls. `--ablate` cross-checks with whole-step timings where a
 component is removed (norm='none', DSA off).
+
+`--one_core=1` profiles the same call again in a child process pinned to one
+CPU (XLA:CPU sizes its thread pool from the affinity mask) and compares every
+thunk's time with its one-core time: a thunk that takes as long on two cores as
+on one ran on a single thread. Summed one-core thunk time over two is what the
+call would take if every thunk used both cores; the table says how far the
+two-core wall is from that, and which thunks hold the difference.
 """
 
 from __future__ import annotations
@@ -257,7 +264,11 @@ def profile(shape, steps, remat, reps, trace_dir):
     cat_us[cat] += e['dur']
     op_us[(op, cat)] += e['dur']
   total = sum(cat_us.values())
+  # Every thunk above 1 ms per call, for the one-core comparison.
+  per_op = {o: [c, round(v / 1e3 / reps, 2)] for (o, c), v in op_us.items()
+            if v / 1e3 / reps >= 1.0}
   return dict(shape='x'.join(map(str, shape)), steps=steps, remat=remat,
+              per_op_ms=per_op,
               reps=reps, wall_s=[round(w, 3) for w in walls],
               thunk_s=round(total / 1e6 / reps, 3),
               categories={k: round(v / 1e6 / reps, 3)
@@ -284,6 +295,47 @@ def ablate(shape, steps, remat, reps):
   return out
 
 
+def profile_one_core(shape, steps, remat, reps) -> dict:
+  """`profile` in a child process that may use only one CPU."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  cpu = min(os.sched_getaffinity(0))
+  args = [sys.executable, '-m', 'benchmarks.profile_step', '--child_json',
+          json.dumps(dict(shape=shape, steps=steps, remat=remat, reps=reps))]
+  proc = subprocess.run(
+      args, check=True, capture_output=True, text=True,
+      preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare_cores(two: dict, one: dict, serial_below: float = 1.25) -> dict:
+  """Per-thunk two-core vs one-core time, and the single-threaded ones.
+
+  A thunk whose one-core time is less than `serial_below` times its two-core
+  time gained (almost) nothing from the second core. Thunks are matched by
+  name (both processes compile the same program); `unmatched` counts the
+  two-core thunks the child did not report.
+  """
+  rows, serial_ms, unmatched = [], 0.0, 0
+  for op, (cat, t2) in two['per_op_ms'].items():
+    t1 = one['per_op_ms'].get(op, [cat, None])[1]
+    if t1 is None:
+      unmatched += 1
+      continue
+    gain = t1 / t2 if t2 else float('nan')
+    if gain < serial_below:
+      serial_ms += t2
+    rows.append((op, cat, t2, t1, round(gain, 2)))
+  rows.sort(key=lambda r: -r[2])
+  one_thunk_s = one['thunk_s']
+  return dict(
+      one_core_wall_s=statistics.median(one['wall_s']),
+      one_core_thunk_s=one_thunk_s,
+      all_parallel_bound_s=round(one_thunk_s / 2, 3),
+      serial_thunk_s=round(serial_ms / 1e3, 3),
+      serial_below=serial_below, unmatched=unmatched,
+      rows=rows[:20])
+
+
 def to_markdown(results: list[dict], command: str) -> str:
   lines = ['### Profile of one meta-gradient (jax.profiler thunk trace)', '',
            f'`{command}`', '']
@@ -307,6 +359,21 @@ def to_markdown(results: list[dict], command: str) -> str:
     for o, c, v in r['top_ops']:
       lines.append(f'| {o} | {c} | {v:.3f} |')
     lines.append('')
+    cores = r.get('one_core')
+    if cores:
+      lines += [
+          'Two cores against one (the same call profiled in a child pinned to '
+          f"one CPU): one-core wall {cores['one_core_wall_s']:.3f} s, summed "
+          f"one-core thunk time {cores['one_core_thunk_s']:.3f} s, so "
+          f"{cores['all_parallel_bound_s']:.3f} s if every thunk used both "
+          f"cores, against {statistics.median(walls):.3f} s traced. Thunks "
+          f"that gained less than {cores['serial_below']}x from the second "
+          f"core: {cores['serial_thunk_s']:.3f} thread-s per call.", '',
+          '| thunk | category | ms per call, 2 cores | ms, 1 core | gain |',
+          '|---|---|---|---|---|']
+      for o, c, t2, t1, g in cores['rows']:
+        lines.append(f'| {o} | {c} | {t2:.1f} | {t1:.1f} | {g:.2f} |')
+      lines.append('')
   return '\n'.join(lines) + '\n'
 
 
@@ -318,8 +385,17 @@ def main():
   p.add_argument('--reps', type=int, default=2)
   p.add_argument('--ablate', type=int, default=0,
                  help='also time norm=none / DSA off (this many reps)')
+  p.add_argument('--one_core', type=int, default=0,
+                 help='also profile pinned to one CPU and compare per thunk')
+  p.add_argument('--child_json', help='internal: one profile, JSON out')
   p.add_argument('--out', default='benchmarks/results/profile_step')
   a = p.parse_args()
+  if a.child_json:
+    c = json.loads(a.child_json)
+    with tempfile.TemporaryDirectory() as d:
+      r = profile(tuple(c['shape']), c['steps'], c['remat'], c['reps'], d)
+    print(json.dumps(r), flush=True)
+    return
   results = []
   for s in a.shapes.split(','):
     shape = tuple(int(v) for v in s.split('x'))
@@ -327,6 +403,9 @@ def main():
       r = profile(shape, a.steps, a.remat, a.reps, d)
     if a.ablate:
       r['ablation'] = ablate(shape, a.steps, a.remat, a.ablate)
+    if a.one_core:
+      r['one_core'] = compare_cores(
+          r, profile_one_core(shape, a.steps, a.remat, a.reps))
     results.append(r)
     print(json.dumps(r), file=sys.stderr, flush=True)
   cmd = 'python -m benchmarks.profile_step ' + ' '.join(sys.argv[1:])

@@ -158,6 +158,24 @@ def test_kernel_floor_counts_each_kernel_times_its_loops():
     assert out.ndim == (4 if kind == 'conv' else 2)
 
 
+def test_profile_compare_cores_finds_single_threaded_thunks():
+  """A thunk as slow on two cores as on one is counted as single-threaded;
+  the all-parallel bound is half the one-core thunk time."""
+  from benchmarks import profile_step  # pylint: disable=g-import-not-at-top
+  two = dict(per_op_ms={'conv.a': ['conv', 76.0], 'conv.b': ['conv', 38.0],
+                        'norm.c': ['norm', 10.0], 'gone.d': ['other', 5.0]})
+  one = dict(wall_s=[2.0, 2.2], thunk_s=0.2,
+             per_op_ms={'conv.a': ['conv', 75.0], 'conv.b': ['conv', 76.0],
+                        'norm.c': ['norm', 11.0]})
+  r = profile_step.compare_cores(two, one)
+  assert r['serial_thunk_s'] == 0.086  # conv.a (0.99x) and norm.c (1.1x)
+  assert r['all_parallel_bound_s'] == 0.1
+  assert r['one_core_wall_s'] == 2.1
+  assert [row[0] for row in r['rows']] == ['conv.a', 'conv.b', 'norm.c']
+  assert r['rows'][1][4] == 2.0
+  assert r['unmatched'] == 1  # gone.d
+
+
 def test_release_freed_memory_runs_where_glibc_is():
   from seqmatch_jax import hostmem  # pylint: disable=g-import-not-at-top
   done = hostmem.release_freed_memory()
