@@ -2,6 +2,10 @@
 
   python -m benchmarks.profile_step --shapes=32x32x3,28x28x1 --steps=10 --remat=1
 
+`--program=expert` (one expert epoch on `--images` images) or `--program=eval`
+(an evaluation schedule of `--steps` epochs on 100 images) profile the
+first-order training programs the same way.
+
 For each shape: compile the meta-gradient (ConvNet-3 w128, 100 images, DSA on,
 same call as `benchmarks.distill_step`), run it once untraced, then `--reps`
 times under `jax.profiler.trace(create_perfetto_trace=True)`. XLA:CPU's thunk
@@ -209,10 +213,44 @@ def thunk_category(idx: HloIndex, name: str) -> str:
   return votes.most_common(1)[0][0]
 
 
+def _build_training(program, shape, steps, images, norm, augment, width):
+  """The compiled first-order programs: one expert epoch on `images` images
+  (batch 256, SGD lr 0.01, as `vs_reference`'s expert row) or an evaluation
+  schedule of `steps` epochs on 100 images (the evaluation protocol's SGD,
+  short batch trimmed, as `vs_reference`'s eval row without the test pass)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+  from seqmatch_jax import evaluate
+  from seqmatch_jax import training
+  from seqmatch_jax.models import create_network
+  net = create_network('convnet', 10, shape, width=width, depth=3, norm=norm)
+  params, state = net.init(jax.random.key(2))
+  lr = jnp.float32(0.01)
+  if program == 'expert':
+    x = jax.random.normal(jax.random.key(0), (images, *shape))
+    y = jax.random.randint(jax.random.key(1), (images,), 0, 10)
+    spec = training.SGDSpec(batch_size=256, augment=augment)
+    fn = jax.jit(lambda p, s, o, k: training.run_epoch(
+        net, spec, p, s, o, x, y, k, lr))
+    args = (params, state, spec.transform().init(params), jax.random.key(3))
+  else:
+    x = jax.random.normal(jax.random.key(0), (100, *shape))
+    y = jnp.repeat(jnp.arange(10), 10)
+    spec = evaluate.Protocol(epochs=steps, augment=augment,
+                             trim_short_batch=True).sgd()
+    fn = jax.jit(lambda p, s, k: training.train_schedule(
+        net, spec, p, s, x, y, k, lr, steps))
+    args = (params, state, jax.random.key(3))
+  return fn.lower(*args).compile(), args
+
+
 def _build(shape, steps, remat, norm='instance',
            augment='color_crop_cutout_flip_scale_rotate', width=128,
-           n_images=100):
-  """The compiled ConvNet-3 meta-gradient and its arguments (10 classes)."""
+           n_images=100, program='step', images=2560):
+  """The compiled program and its arguments (ConvNet-3, 10 classes; the key
+  last): the meta-gradient, or an expert epoch / evaluation schedule."""
+  if program != 'step':
+    return _build_training(program, shape, steps, images, norm, augment, width)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
   from seqmatch_jax import matching
@@ -232,9 +270,10 @@ def _build(shape, steps, remat, norm='instance',
   return compiled, args
 
 
-def profile(shape, steps, remat, reps, trace_dir):
+def profile(shape, steps, remat, reps, trace_dir, program='step',
+            images=2560):
   import jax  # pylint: disable=g-import-not-at-top
-  compiled, args = _build(shape, steps, remat)
+  compiled, args = _build(shape, steps, remat, program=program, images=images)
   idx = HloIndex(compiled.as_text())
   jax.block_until_ready(compiled(*args))
   walls = []
@@ -268,7 +307,7 @@ def profile(shape, steps, remat, reps, trace_dir):
   per_op = {o: [c, round(v / 1e3 / reps, 2)] for (o, c), v in op_us.items()
             if v / 1e3 / reps >= 1.0}
   return dict(shape='x'.join(map(str, shape)), steps=steps, remat=remat,
-              per_op_ms=per_op,
+              program=program, per_op_ms=per_op,
               reps=reps, wall_s=[round(w, 3) for w in walls],
               thunk_s=round(total / 1e6 / reps, 3),
               categories={k: round(v / 1e6 / reps, 3)
@@ -295,12 +334,14 @@ def ablate(shape, steps, remat, reps):
   return out
 
 
-def profile_one_core(shape, steps, remat, reps) -> dict:
+def profile_one_core(shape, steps, remat, reps, program='step',
+                     images=2560) -> dict:
   """`profile` in a child process that may use only one CPU."""
   import subprocess  # pylint: disable=g-import-not-at-top
   cpu = min(os.sched_getaffinity(0))
   args = [sys.executable, '-m', 'benchmarks.profile_step', '--child_json',
-          json.dumps(dict(shape=shape, steps=steps, remat=remat, reps=reps))]
+          json.dumps(dict(shape=shape, steps=steps, remat=remat, reps=reps,
+                          program=program, images=images))]
   proc = subprocess.run(
       args, check=True, capture_output=True, text=True,
       preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
@@ -337,12 +378,15 @@ def compare_cores(two: dict, one: dict, serial_below: float = 1.25) -> dict:
 
 
 def to_markdown(results: list[dict], command: str) -> str:
-  lines = ['### Profile of one meta-gradient (jax.profiler thunk trace)', '',
+  lines = ['### Profile of one compiled call (jax.profiler thunk trace)', '',
            f'`{command}`', '']
   for r in results:
     walls = r['wall_s']
-    lines += [f"#### {r['shape']}, syn_steps {r['steps']}, remat {r['remat']}"
-              f" ({r['reps']} traced calls)", '',
+    program = r.get('program', 'step')
+    what = {'step': f"meta-gradient, syn_steps {r['steps']}, remat {r['remat']}",
+            'eval': f"evaluation schedule, {r['steps']} epochs on 100 images",
+            'expert': 'expert epoch'}[program]
+    lines += [f"#### {r['shape']}, {what} ({r['reps']} traced calls)", '',
               f"wall per call (traced): {statistics.median(walls):.3f} s; "
               f"summed thunk time per call: {r['thunk_s']:.3f} thread-s "
               '(two threads run thunks concurrently)', '',
@@ -385,27 +429,36 @@ def main():
   p.add_argument('--reps', type=int, default=2)
   p.add_argument('--ablate', type=int, default=0,
                  help='also time norm=none / DSA off (this many reps)')
+  p.add_argument('--program', default='step', choices=('step', 'expert', 'eval'),
+                 help='the meta-gradient, one expert epoch, or an evaluation '
+                 'schedule of --steps epochs')
+  p.add_argument('--images', type=int, default=2560,
+                 help='images of the expert epoch')
   p.add_argument('--one_core', type=int, default=0,
                  help='also profile pinned to one CPU and compare per thunk')
   p.add_argument('--child_json', help='internal: one profile, JSON out')
   p.add_argument('--out', default='benchmarks/results/profile_step')
   a = p.parse_args()
+  if a.ablate and a.program != 'step':
+    p.error('--ablate times the meta-gradient only (--program=step)')
   if a.child_json:
     c = json.loads(a.child_json)
     with tempfile.TemporaryDirectory() as d:
-      r = profile(tuple(c['shape']), c['steps'], c['remat'], c['reps'], d)
+      r = profile(tuple(c['shape']), c['steps'], c['remat'], c['reps'], d,
+                  c['program'], c['images'])
     print(json.dumps(r), flush=True)
     return
   results = []
   for s in a.shapes.split(','):
     shape = tuple(int(v) for v in s.split('x'))
     with tempfile.TemporaryDirectory() as d:
-      r = profile(shape, a.steps, a.remat, a.reps, d)
+      r = profile(shape, a.steps, a.remat, a.reps, d, a.program, a.images)
     if a.ablate:
       r['ablation'] = ablate(shape, a.steps, a.remat, a.ablate)
     if a.one_core:
       r['one_core'] = compare_cores(
-          r, profile_one_core(shape, a.steps, a.remat, a.reps))
+          r, profile_one_core(shape, a.steps, a.remat, a.reps, a.program,
+                              a.images))
     results.append(r)
     print(json.dumps(r), file=sys.stderr, flush=True)
   cmd = 'python -m benchmarks.profile_step ' + ' '.join(sys.argv[1:])

@@ -176,6 +176,18 @@ def test_profile_compare_cores_finds_single_threaded_thunks():
   assert r['unmatched'] == 1  # gone.d
 
 
+@pytest.mark.parametrize('program', ['expert', 'eval'])
+def test_profile_builds_the_first_order_programs(program):
+  """`profile_step --program=expert|eval` compiles a program whose last
+  argument is the key the profiler replaces."""
+  from benchmarks import profile_step  # pylint: disable=g-import-not-at-top
+  compiled, args = profile_step._build(
+      (16, 16, 1), 2, 1, width=8, augment='flip', program=program, images=32)
+  out = jax.block_until_ready(compiled(*args[:-1], jax.random.key(7)))
+  assert all(np.isfinite(np.asarray(leaf)).all()
+             for leaf in jax.tree.leaves(out))
+
+
 def test_release_freed_memory_runs_where_glibc_is():
   from seqmatch_jax import hostmem  # pylint: disable=g-import-not-at-top
   done = hostmem.release_freed_memory()
