@@ -96,26 +96,38 @@ def measure_step(a: dict) -> dict:
               compile_s=round(compile_s, 1), peak_rss_mib=common.self_peak_rss_mib())
 
 
-def measure_expert(a: dict) -> dict:
-  """Seconds per expert epoch (batch 256, DSA, SGD lr 0.01), after compiling."""
+def expert_epoch(shape: tuple[int, ...], images: int, width: int = 128,
+                 augment: str = _DSA, conv_impl: str = 'auto',
+                 norm: str = 'instance'):
+  """The jitted expert epoch (ConvNet-3, batch 256, SGD lr 0.01) on `images`
+  random images, and its arguments (params, state, opt, key)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
   from seqmatch_jax import training
   from seqmatch_jax.models import create_network
-  from benchmarks import common
 
-  shape = _shape(a['shape'])
-  net = create_network('convnet', 10, shape, width=a.get('width', 128), depth=3,
-                       conv_impl=(a.get('opts') or {}).get('conv_impl', 'auto'))
-  x = jax.random.normal(jax.random.key(0), (a['images'], *shape))
-  y = jax.random.randint(jax.random.key(1), (a['images'],), 0, 10)
-  spec = training.SGDSpec(batch_size=256, augment=_DSA if a.get('dsa', True) else '')
+  net = create_network('convnet', 10, shape, width=width, depth=3, norm=norm,
+                       conv_impl=conv_impl)
+  x = jax.random.normal(jax.random.key(0), (images, *shape))
+  y = jax.random.randint(jax.random.key(1), (images,), 0, 10)
+  spec = training.SGDSpec(batch_size=256, augment=augment)
   params, state = net.init(jax.random.key(2))
-  opt = spec.transform().init(params)
   fn = jax.jit(lambda p, s, o, k: training.run_epoch(
       net, spec, p, s, o, x, y, k, jnp.float32(0.01)))
+  return fn, (params, state, spec.transform().init(params), jax.random.key(3))
+
+
+def measure_expert(a: dict) -> dict:
+  """Seconds per expert epoch (batch 256, DSA, SGD lr 0.01), after compiling."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from benchmarks import common
+
+  fn, (params, state, opt, key) = expert_epoch(
+      _shape(a['shape']), a['images'], a.get('width', 128),
+      _DSA if a.get('dsa', True) else '',
+      (a.get('opts') or {}).get('conv_impl', 'auto'))
   t0 = time.perf_counter()
-  jax.block_until_ready(fn(params, state, opt, jax.random.key(3)))
+  jax.block_until_ready(fn(params, state, opt, key))
   first = time.perf_counter() - t0
   times = []
   for i in range(a.get('warmup', 1) + a.get('reps', 3)):
